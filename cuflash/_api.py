@@ -1,0 +1,137 @@
+"""The public functions: check, pick a backend, run, hand results back in the caller's type."""
+
+from . import _dispatch
+from ._interop import export, import_operands
+from ._problem import check_backward, check_forward
+
+_SEMANTICS = """
+    Shapes are "BSHD": q is (B, Sq, Hq, D), k is (B, Sk, Hkv, D), v is (B, Sk, Hkv, Dv), and out
+    is (B, Sq, Hq, Dv). Any strides are accepted (data stored as (B, H, S, D) passes in as
+    ``x.transpose(0, 2, 1, 3)``); GPU kernels read them in place when the last dimension is
+    contiguous. Hq must be a multiple of Hkv: query head h uses key/value head h // (Hq // Hkv)
+    (grouped-query and multi-query attention). D and Dv are 1..256.
+
+    S = scale · Q Kᵀ (scale defaults to 1/sqrt(D)), P = softmax(S) over the keys each query may
+    see, out = P V. Accumulation is float32 (float64 for float64 inputs); out has the input dtype.
+
+    causal=True masks with the bottom-right alignment by default: query i sees key j iff
+    j <= i + (Sk − Sq). For Sq = 2, Sk = 5, and for Sq = 5, Sk = 2 (rows 0–2 see nothing)::
+
+        1 1 1 1 0        0 0
+        1 1 1 1 1        0 0
+                         0 0
+                         1 0
+                         1 1
+
+    causal_alignment="top_left" gives PyTorch's ``is_causal`` (j <= i). A row that sees no key
+    (all masked, or Sk = 0) has out = 0 and lse = −inf, and gets zero gradients: never NaN.
+"""
+
+
+def _doc(text):
+    return text.replace("%(semantics)s", _SEMANTICS)
+
+
+def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", scale=None, return_lse=False,
+              backend="auto"):
+    out, lse, origin = _forward(q, k, v, causal, causal_alignment, scale, backend, "cuflash.attention")
+    return (export(out, origin), export(lse, origin)) if return_lse else export(out, origin)
+
+
+attention.__doc__ = _doc("""Exact attention softmax(scale · Q Kᵀ) V, computed tile by tile (FlashAttention).
+%(semantics)s
+    Parameters
+    ----------
+    q, k, v : arrays (NumPy, CuPy, or any DLPack producer such as PyTorch or JAX)
+        float16, bfloat16, float32 or float64, all of one dtype, from one framework and device.
+    causal : bool
+        Mask keys after each query (see the alignment rule above).
+    causal_alignment : {"bottom_right", "top_left"}
+    scale : float, optional
+        Multiplies Q Kᵀ; defaults to 1/sqrt(D).
+    return_lse : bool
+        Also return the log-sum-exp of each row, which ``attention_backward`` needs.
+    backend : {"auto", "cuda", "numpy"}
+        "auto" runs the CUDA kernels when CuPy and a usable GPU are present (NumPy inputs are
+        copied there and back) and the NumPy backend otherwise; float64 always runs on the NumPy
+        backend. Naming one forces it, with an error when it cannot run.
+
+    Returns
+    -------
+    out : array (B, Sq, Hq, Dv), the input dtype, in the caller's array type and device.
+    lse : array (B, Hq, Sq), float32 (float64 for float64 inputs), natural logarithm; only with
+        ``return_lse=True``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Before any work, listing every problem with the arguments and naming each operand.
+    cuflash.BackendUnavailableError
+        When the requested backend cannot run here.
+    cuflash.KernelCompileError, cuflash.KernelLaunchError
+        When a GPU kernel fails to compile or launch (the message names the kernel).
+""")
+
+
+def _forward(q, k, v, causal, causal_alignment, scale, backend, what):
+    (q, k, v), origin = import_operands(what, q=q, k=k, v=v)
+    problem = check_forward(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
+                            backend=backend, what=what)
+    out, lse = _dispatch.select(backend, problem, origin).forward(q, k, v, problem)
+    return out, lse, origin
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, causal_alignment="bottom_right", scale=None,
+                       deterministic=False, backend="auto"):
+    what = "cuflash.attention_backward"
+    (dout, q, k, v, out, lse), origin = import_operands(what, dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+    problem = check_backward(dout, q, k, v, out, lse, causal=causal, causal_alignment=causal_alignment,
+                             scale=scale, deterministic=deterministic, backend=backend, what=what)
+    grads = _dispatch.select(backend, problem, origin).backward(dout, q, k, v, out, lse, problem, bool(deterministic))
+    return tuple(export(g, origin) for g in grads)
+
+
+attention_backward.__doc__ = _doc("""Gradients (dq, dk, dv) of attention, given dout = ∂loss/∂out.
+%(semantics)s
+    The backward recomputes P tile by tile from q, k and the forward's lse (no Sq×Sk array),
+    with D = rowsum(dout ∘ out) and dS = P ∘ (dP − D). With GQA/MQA, dk and dv sum over the
+    query heads that share each key/value head.
+
+    Parameters
+    ----------
+    dout : array (B, Sq, Hq, Dv), the dtype of q
+    q, k, v : the forward's inputs
+    out, lse : the forward's outputs (``attention(..., return_lse=True)``)
+    causal, causal_alignment, scale, backend :
+        As in ``attention``; they must match the forward call.
+    deterministic : bool
+        GPU only: accumulate dq without atomics, so repeated calls give bitwise-identical
+        results (at some cost in speed). The NumPy backend is always deterministic.
+
+    Returns
+    -------
+    dq, dk, dv : arrays shaped like q, k, v, in their dtype, array type and device.
+""")
+
+
+def attention_vjp(q, k, v, *, causal=False, causal_alignment="bottom_right", scale=None, deterministic=False,
+                  backend="auto"):
+    """Attention for code without autograd: returns ``out`` and a function ``vjp(dout) -> (dq, dk, dv)``.
+
+    Runs the forward once (keeping its lse), and each ``vjp`` call runs the backward on the saved
+    inputs and outputs. Options mean what they mean in ``attention`` and ``attention_backward``.
+
+    Example
+    -------
+    >>> out, vjp = cuflash.attention_vjp(q, k, v, causal=True)
+    >>> dq, dk, dv = vjp(dout)
+    """
+    out, lse, origin = _forward(q, k, v, causal, causal_alignment, scale, backend, "cuflash.attention_vjp")
+    caller_out = export(out, origin)
+    saved = (q, k, v, caller_out, export(lse, origin))
+
+    def vjp(dout):
+        return attention_backward(dout, *saved, causal=causal, causal_alignment=causal_alignment, scale=scale,
+                                  deterministic=deterministic, backend=backend)
+
+    return caller_out, vjp

@@ -1,0 +1,161 @@
+"""Finding, compiling and launching the CUDA kernels of ``cuda_src/``.
+
+Everything here imports CuPy lazily, so ``import cuflash`` works on machines without it.
+
+Compilation goes through ``cupy.RawModule`` (NVRTC). A kernel variant is the source file with a
+block of ``#define`` lines prepended: the configuration table lives in Python and the kernel
+checks it with ``static_assert``. Local ``#include "x.cuh"`` lines are expanded here, so the
+source text CuPy hashes for its on-disk cache covers every header (its cache key does not see
+files pulled in through ``-I``). The kernels include no CUDA headers, so NVRTC is all they need.
+"""
+
+import functools
+import re
+from pathlib import Path
+
+from .._errors import KernelCompileError, KernelLaunchError
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+# CuPy refuses more than 48 KiB of dynamic shared memory unless the kernel's limit is raised.
+_DEFAULT_SMEM_LIMIT = 48 * 1024
+
+
+def source_dir():
+    """The folder holding the CUDA sources: inside the installed package, or the checkout's."""
+    packaged = Path(__file__).resolve().parent.parent / "cuda_src"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent.parent / "cuda_src"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError(
+        f"cuflash's CUDA sources were not found at {packaged} nor {checkout}; the installation is incomplete"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_source(filename):
+    """Text of ``cuda_src/<filename>`` with local includes expanded once each."""
+    root = source_dir()
+    seen = set()
+
+    def expand(name):
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = (root / name).read_text()
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(filename)
+
+
+def _defines_block(defines):
+    return "".join(f"#define {key} {value}\n" for key, value in sorted(defines.items()))
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_available():
+    """``(True, description)`` when CuPy can run kernels here, else ``(False, reason)``. Never raises."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA installation failing at import
+        return False, f"CuPy is not importable ({type(exc).__name__}: {exc}); install cuflash[cu12] or cuflash[cu13]"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"no usable CUDA device ({type(exc).__name__}: {exc})"
+    if count == 0:
+        return False, "no CUDA device is visible"
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+        major, minor = props["major"], props["minor"]
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    except Exception as exc:
+        return False, f"the CUDA device cannot be queried ({type(exc).__name__}: {exc})"
+    if major < 8:
+        return False, f"{name} has compute capability {major}.{minor}; cuflash's kernels need 8.0 or newer"
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:
+        return False, f"NVRTC cannot be loaded ({type(exc).__name__}: {exc}); install cuflash[cu12] or cuflash[cu13]"
+    return True, f"{name} (compute capability {major}.{minor}), {count} device(s)"
+
+
+def compute_capability(device_id=None):
+    """``(major, minor)`` of a device (the current one by default)."""
+    import cupy
+
+    device = cupy.cuda.Device(device_id)
+    major, minor = divmod(int(device.compute_capability), 10)
+    return major, minor
+
+
+def arch_options(major, minor):
+    """NVRTC options for a compute capability: sm_90a on Hopper so wgmma/setmaxnreg paths compile."""
+    if (major, minor) == (9, 0):
+        return ("-arch=sm_90a",)
+    return ()
+
+
+_modules = {}
+
+
+def get_kernel(filename, kernel_name, defines):
+    """The compiled ``kernel_name`` of ``cuda_src/<filename>`` for the current device, compiled once per process."""
+    import cupy
+
+    device_id = cupy.cuda.Device().id
+    key = (device_id, filename, kernel_name, tuple(sorted(defines.items())))
+    kernel = _modules.get(key)
+    if kernel is not None:
+        return kernel
+    code = _defines_block(defines) + cuda_source(filename)
+    options = ("--std=c++17",) + arch_options(*compute_capability(device_id))
+    try:
+        module = cupy.RawModule(code=code, options=options)
+        kernel = module.get_function(kernel_name)
+    except cupy.cuda.compiler.CompileException as exc:
+        raise KernelCompileError(kernel_name, "NVRTC compilation failed", exc.get_message()) from None
+    except cupy.cuda.driver.CUDADriverError as exc:
+        raise KernelCompileError(kernel_name, f"loading the compiled module failed: {exc}") from None
+    _modules[key] = kernel
+    return kernel
+
+
+def launch(kernel, grid, block, args, shared_mem=0):
+    """Launch on CuPy's current stream; driver errors become ``KernelLaunchError`` naming the kernel."""
+    import cupy
+
+    try:
+        if shared_mem > _DEFAULT_SMEM_LIMIT and kernel.max_dynamic_shared_size_bytes < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = shared_mem
+        kernel(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)
+    except cupy.cuda.driver.CUDADriverError as exc:
+        raise KernelLaunchError(
+            kernel.name, f"launch with grid={tuple(grid)} block={tuple(block)} shared_mem={shared_mem} failed: {exc}"
+        ) from None
+
+
+def compile_cubin(filename, kernel_name, defines, arch, extra_options=()):
+    """Compile one variant to a cubin for ``arch`` (e.g. ``"sm_90a"``) through NVRTC, needing no GPU.
+
+    Uses the options CuPy would (``-ftz=true`` included), so what passes here is what runs.
+    Raises ``KernelCompileError`` with NVRTC's log on failure.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    code = _defines_block(defines) + cuda_source(filename)
+    options = ["--std=c++17", f"-arch={arch}", "-ftz=true", *extra_options]
+    program = nvrtc.createProgram(code, filename, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError:
+            raise KernelCompileError(kernel_name, f"NVRTC compilation for {arch} failed", nvrtc.getProgramLog(program)) from None
+        return nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+

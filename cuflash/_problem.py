@@ -1,0 +1,174 @@
+"""The attention problem every backend solves, and the checks that build it from user input.
+
+All checks run before any allocation or launch, collect every problem they find, and raise one
+``TypeError`` (wrong kinds of things) or ``ValueError`` (right kinds, wrong values) naming each
+operand involved.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy
+
+ALIGNMENTS = ("bottom_right", "top_left")
+BACKENDS = ("auto", "numpy", "cuda")
+MAX_HEAD_DIM = 256
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes and options of one attention call, already checked and resolved.
+
+    Query i may see key j iff ``not causal or j <= i + causal_offset``; ``causal_offset`` is
+    ``seqlen_k - seqlen_q`` for the bottom-right alignment and 0 for top-left.
+    """
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    head_dim_v: int
+    dtype: numpy.dtype
+    causal: bool
+    causal_offset: int
+    scale: float
+
+    @property
+    def group_size(self):
+        """Query heads per key/value head (1 for MHA, Hq for MQA)."""
+        return self.heads_q // self.heads_kv
+
+    @property
+    def accum_dtype(self):
+        """float64 for float64 inputs, float32 for every other dtype."""
+        return numpy.dtype(numpy.float64 if self.dtype == numpy.float64 else numpy.float32)
+
+    @property
+    def out_shape(self):
+        return (self.batch, self.seqlen_q, self.heads_q, self.head_dim_v)
+
+    @property
+    def lse_shape(self):
+        return (self.batch, self.heads_q, self.seqlen_q)
+
+
+def visible(i, j, offset):
+    """Causal visibility of key j to query i (broadcasting over index arrays)."""
+    return j <= i + offset
+
+
+def is_float_dtype(dtype):
+    return numpy.dtype(dtype).name in _FLOAT_NAMES
+
+
+class _Problems:
+    """Collects what is wrong with a call so one exception can report all of it."""
+
+    def __init__(self):
+        self.type_errors = []
+        self.value_errors = []
+
+    def type(self, message):
+        self.type_errors.append(message)
+
+    def value(self, message):
+        self.value_errors.append(message)
+
+    def raise_if_any(self, what):
+        messages = self.type_errors + self.value_errors
+        if not messages:
+            return
+        text = f"invalid arguments to {what}:\n  - " + "\n  - ".join(messages)
+        raise (TypeError if self.type_errors else ValueError)(text)
+
+
+def _check_options(problems, causal, causal_alignment, scale, backend):
+    if not isinstance(causal, (bool, numpy.bool_)):
+        problems.type(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(causal_alignment, str) or causal_alignment not in ALIGNMENTS:
+        problems.value(f"causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
+    if scale is not None:
+        if isinstance(scale, (bool, numpy.bool_)) or not isinstance(scale, numbers.Real):
+            problems.type(f"scale must be a real number or None, got {type(scale).__name__}")
+        elif not math.isfinite(float(scale)):
+            problems.value(f"scale must be finite, got {scale!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        problems.value(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_dtypes(problems, named):
+    """Every operand a supported float dtype, all the same; returns the common dtype or None."""
+    dtypes = {}
+    for name, x in named.items():
+        dtype = numpy.dtype(x.dtype)
+        if not is_float_dtype(dtype):
+            problems.type(f"{name} has dtype {dtype}; expected one of float16, bfloat16, float32, float64")
+        else:
+            dtypes[name] = dtype
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
+        problems.type(f"q, k, v (and dout, out) must share one dtype, got {listed}")
+        return None
+    return next(iter(dtypes.values()), None)
+
+
+def check_forward(q, k, v, *, causal, causal_alignment, scale, backend, what="cuflash.attention"):
+    """Check the operands and options of a forward call; return the resolved ``Problem``."""
+    problems = _Problems()
+    _check_options(problems, causal, causal_alignment, scale, backend)
+    named = {"q": q, "k": k, "v": v}
+    dtype = _check_dtypes(problems, named)
+    for name, x in named.items():
+        if x.ndim != 4:
+            problems.value(f"{name} must have 4 dimensions (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
+    if problems.value_errors or problems.type_errors:
+        problems.raise_if_any(what)
+    (B, Sq, Hq, D), (Bk, Sk, Hkv, Dk), (Bv, Skv, Hv, Dv) = q.shape, k.shape, v.shape
+    if not B == Bk == Bv:
+        problems.value(f"batch sizes differ: q has {B}, k has {Bk}, v has {Bv}")
+    if Sk != Skv:
+        problems.value(f"k and v must have the same sequence length, got k: {Sk}, v: {Skv}")
+    if Hkv != Hv:
+        problems.value(f"k and v must have the same number of heads, got k: {Hkv}, v: {Hv}")
+    if D != Dk:
+        problems.value(f"q and k must have the same head_dim, got q: {D}, k: {Dk}")
+    if Hkv == 0:
+        problems.value("k and v must have at least one head")
+    elif Hq % Hkv:
+        problems.value(f"the number of query heads ({Hq}, in q) must be a multiple of the key/value heads ({Hkv}, in k and v)")
+    for name, d in (("q and k", D), ("v", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            problems.value(f"head_dim of {name} must be in 1..{MAX_HEAD_DIM}, got {d}")
+    problems.raise_if_any(what)
+    return Problem(
+        batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=Hkv, head_dim=D, head_dim_v=Dv,
+        dtype=dtype, causal=bool(causal),
+        causal_offset=(Sk - Sq) if causal_alignment == "bottom_right" else 0,
+        scale=(1.0 / math.sqrt(D)) if scale is None else float(scale),
+    )
+
+
+def check_backward(dout, q, k, v, out, lse, *, causal, causal_alignment, scale, deterministic, backend,
+                   what="cuflash.attention_backward"):
+    """Check a backward call: the forward's checks plus dout, out and lse against them."""
+    problem = check_forward(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
+                            backend=backend, what=what)
+    problems = _Problems()
+    if not isinstance(deterministic, (bool, numpy.bool_)):
+        problems.type(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    for name, x in (("dout", dout), ("out", out)):
+        if numpy.dtype(x.dtype) != problem.dtype:
+            problems.type(f"{name} has dtype {numpy.dtype(x.dtype)}; expected {problem.dtype} like q, k, v")
+        if tuple(x.shape) != problem.out_shape:
+            problems.value(f"{name} must have shape (B, Sq, Hq, Dv) = {problem.out_shape}, got {tuple(x.shape)}")
+    if numpy.dtype(lse.dtype) != problem.accum_dtype:
+        problems.type(f"lse has dtype {numpy.dtype(lse.dtype)}; expected {problem.accum_dtype} (as returned by attention)")
+    if tuple(lse.shape) != problem.lse_shape:
+        problems.value(f"lse must have shape (B, Hq, Sq) = {problem.lse_shape}, got {tuple(lse.shape)}")
+    problems.raise_if_any(what)
+    return problem
