@@ -141,6 +141,6 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, problem):
             dQ_i += dS_ij @ K[..., j0:j1, :]
             dK[..., j0:j1, :] += _contract_rows(dS_ij, Q_i)
         dQ[..., i0:i1, :] = dQ_i * scale
-    dq[...] = dQ.reshape(B, Hq, Sq, -1).transpose(0, 2, 1, 3)
+    dq[...] = dQ.reshape(B, Hq, Sq, q.shape[-1]).transpose(0, 2, 1, 3)
     dk[...] = (dK * scale).transpose(0, 2, 1, 3)
     dv[...] = dV.transpose(0, 2, 1, 3)
