@@ -123,10 +123,10 @@ def check_forward(q, k, v, *, causal, causal_alignment, scale, backend, what="cu
     _check_options(problems, causal, causal_alignment, scale, backend)
     named = {"q": q, "k": k, "v": v}
     dtype = _check_dtypes(problems, named)
-    for name, x in named.items():
-        if x.ndim != 4:
-            problems.value(f"{name} must have 4 dimensions (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
-    if problems.value_errors or problems.type_errors:
+    bad_ndim = [name for name, x in named.items() if x.ndim != 4]
+    for name in bad_ndim:
+        problems.value(f"{name} must have 4 dimensions (batch, seq, heads, head_dim), got shape {tuple(named[name].shape)}")
+    if bad_ndim:  # the size checks below need four dimensions to read
         problems.raise_if_any(what)
     (B, Sq, Hq, D), (Bk, Sk, Hkv, Dk), (Bv, Skv, Hv, Dv) = q.shape, k.shape, v.shape
     if not B == Bk == Bv:
