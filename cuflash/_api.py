@@ -77,7 +77,9 @@ def _forward(q, k, v, causal, causal_alignment, scale, backend, what):
     (q, k, v), origin = import_operands(what, q=q, k=k, v=v)
     problem = check_forward(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
                             backend=backend, what=what)
-    out, lse = _dispatch.select(backend, problem, origin).forward(q, k, v, problem)
+    chosen = _dispatch.select(backend, problem, origin)
+    with origin.context():
+        out, lse = chosen.forward(q, k, v, problem)
     return out, lse, origin
 
 
@@ -87,7 +89,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, causal_alignmen
     (dout, q, k, v, out, lse), origin = import_operands(what, dout=dout, q=q, k=k, v=v, out=out, lse=lse)
     problem = check_backward(dout, q, k, v, out, lse, causal=causal, causal_alignment=causal_alignment,
                              scale=scale, deterministic=deterministic, backend=backend, what=what)
-    grads = _dispatch.select(backend, problem, origin).backward(dout, q, k, v, out, lse, problem, bool(deterministic))
+    chosen = _dispatch.select(backend, problem, origin)
+    with origin.context():
+        grads = chosen.backward(dout, q, k, v, out, lse, problem, bool(deterministic))
     return tuple(export(g, origin) for g in grads)
 
 

@@ -11,10 +11,11 @@ import numpy
 from . import _numpy_backend
 from ._cuda import runtime
 from ._errors import BackendUnavailableError
+from ._interop import host_empty
 
 
 def _empty(xp, shape, dtype):
-    return xp.empty(shape, dtype=dtype)
+    return host_empty(shape, dtype) if xp is numpy else xp.empty(shape, dtype=dtype)
 
 
 def _to_host(x):

@@ -1,30 +1,124 @@
-"""Arrays in, arrays out: turning callers' arrays into NumPy/CuPy arrays and results back.
+"""Arrays in, arrays out: callers' arrays become NumPy/CuPy arrays, results go back as the caller's type.
 
-NumPy arrays stay NumPy arrays and CuPy arrays stay CuPy arrays. Any other object that speaks
-DLPack (``__dlpack__`` / ``__dlpack_device__``) is imported without a copy: CPU memory as NumPy,
-CUDA memory as CuPy. Results go back the same way, to the caller's framework and device.
+The rules (``docs/interop.md`` states them for users):
+
+- NumPy and CuPy arrays are used as they are. Any other object with ``__dlpack__`` and
+  ``__dlpack_device__`` (PyTorch tensors, JAX arrays, ...) is imported without a copy: CPU memory
+  as a NumPy array, CUDA memory as a CuPy array. PyTorch tensors that require grad are detached
+  first (a view, no copy), since PyTorch refuses to export them.
+- All operands of one call come from one framework on one device; anything else is a TypeError.
+- Results go back without a copy, as the caller's type on the caller's device: ``torch.from_dlpack``
+  for PyTorch, ``jax.dlpack.from_dlpack`` for JAX, the array-API namespace's ``from_dlpack`` for
+  other producers that have one, and plain NumPy/CuPy arrays for producers that have none.
+- Streams: for CUDA operands every step (import, kernels, output allocation, export) runs on one
+  stream, PyTorch's current stream for torch tensors and CuPy's current stream otherwise. That
+  stream is the one handed to ``__dlpack__``, so a producer orders its pending writes before our
+  reads and a consumer orders our writes before its reads; allocating the outputs on it keeps
+  CuPy's per-stream memory pool from handing their memory to other work while it is still in use.
+- bfloat16: NumPy's DLPack importer knows no bfloat16 and NumPy cannot export ml_dtypes' bfloat16,
+  so bfloat16 elements travel as uint16 and are viewed as ``ml_dtypes.bfloat16`` on arrival (and
+  relabelled bfloat16 on the way back): exact and copy-free. CPU bfloat16 needs ml_dtypes.
+
+Nothing here imports a framework: CuPy, PyTorch and JAX are only looked up in ``sys.modules``
+(an operand of their type means they are imported already) or imported when an operand needs them.
 """
 
+import contextlib
+import ctypes
+import math
 import sys
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy
 
+# DLPack device types (dlpack.h, DLDeviceType).
 _CPU, _CUDA = 1, 2
+_DEVICE_NAMES = {
+    1: "CPU", 2: "CUDA", 3: "CUDA host (pinned)", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI",
+    10: "ROCm", 11: "ROCm host", 12: "an extension device", 13: "CUDA managed", 14: "oneAPI",
+    15: "WebGPU", 16: "Hexagon",
+}
+# DLPack type codes (dlpack.h, DLDataTypeCode).
+_UINT, _BFLOAT = 1, 4
+
+# XLA's CPU client (JAX) adopts host memory through DLPack only at 64-byte alignment and copies it
+# otherwise; NumPy promises 16.
+_HOST_ALIGNMENT = 64
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where the operands of one call came from: ``kind`` is "numpy", "cupy" or a DLPack framework."""
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
 
-    kind: str
-    device_type: int
-    device_id: int
-    framework: object = None
 
-    @property
-    def on_gpu(self):
-        return self.device_type == _CUDA
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p), ("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32),
+        ("ndim", ctypes.c_int32), ("dtype", _DLDataType), ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p), ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _DLManagedTensorVersioned(ctypes.Structure):
+    """DLPack ≥ 1.0 capsules ("dltensor_versioned"); older ones ("dltensor") start with the DLTensor."""
+
+    _fields_ = [
+        ("version_major", ctypes.c_uint32), ("version_minor", ctypes.c_uint32),
+        ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p), ("flags", ctypes.c_uint64),
+        ("dl_tensor", _DLTensor),
+    ]
+
+
+_capsule_name = ctypes.pythonapi.PyCapsule_GetName
+_capsule_name.restype = ctypes.c_char_p
+_capsule_name.argtypes = [ctypes.py_object]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_TENSOR_OFFSETS = {b"dltensor": 0, b"dltensor_versioned": _DLManagedTensorVersioned.dl_tensor.offset}
+
+
+def _dl_tensor(capsule):
+    """The DLTensor inside a not yet consumed DLPack capsule (a view onto the producer's struct)."""
+    name = _capsule_name(capsule)
+    if name not in _TENSOR_OFFSETS:
+        raise BufferError(f"__dlpack__ returned a capsule named {name!r}, not a DLPack tensor")
+    return _DLTensor.from_address(_capsule_pointer(capsule, name) + _TENSOR_OFFSETS[name])
+
+
+class _Relabelled:
+    """A DLPack producer handing on another producer's 16-bit elements under another type code.
+
+    Each ``__dlpack__`` call makes a fresh DLManagedTensor that belongs to the consumer once
+    handed over, and its deleter never reads the dtype, so changing the type code before the
+    consumer sees it touches nothing the producer relies on.
+    """
+
+    def __init__(self, producer, old_code, new_code):
+        self._producer = producer
+        self._old_code = old_code
+        self._new_code = new_code
+        self.relabelled = False
+
+    def __dlpack_device__(self):
+        return self._producer.__dlpack_device__()
+
+    def __dlpack__(self, **kwargs):
+        capsule = self._producer.__dlpack__(**kwargs)
+        dtype = _dl_tensor(capsule).dtype
+        if (dtype.code, dtype.bits, dtype.lanes) == (self._old_code, 16, 1):
+            dtype.code = self._new_code
+            self.relabelled = True
+        return capsule
+
+
+def _bfloat16():
+    """ml_dtypes' bfloat16 (the dtype NumPy and CuPy hold bfloat16 in), or None without ml_dtypes."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return numpy.dtype(ml_dtypes.bfloat16)
 
 
 def _cupy():
@@ -33,71 +127,180 @@ def _cupy():
     return cupy
 
 
+def host_empty(shape, dtype):
+    """An uninitialized NumPy array whose data starts on a 64-byte boundary.
+
+    Host outputs are allocated here so JAX can adopt them without a copy (see ``_HOST_ALIGNMENT``).
+    """
+    dtype = numpy.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = numpy.empty(nbytes + _HOST_ALIGNMENT, dtype=numpy.uint8)
+    start = -raw.ctypes.data % _HOST_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Origin:
+    """Where the operands of one call come from, and how results get back there.
+
+    ``kind`` is "numpy", "cupy", "torch", "jax" or the top-level module of another producer's type.
+    ``to_caller`` is the caller's DLPack importer (None: results stay NumPy/CuPy arrays), and
+    ``stream`` a PyTorch CUDA stream to run on (None: CuPy's current stream).
+    """
+
+    kind: str
+    device_type: int
+    device_id: int
+    to_caller: Optional[Callable[[Any], Any]] = None
+    stream: Any = None
+
+    @property
+    def on_gpu(self):
+        return self.device_type == _CUDA
+
+    @property
+    def place(self):
+        return f"cuda:{self.device_id}" if self.on_gpu else "cpu"
+
+    def context(self):
+        """The caller's device and stream made current for CuPy (nothing to do for CPU operands).
+
+        Imports, GPU work and exports for this caller all run inside it (see the module's notes).
+        """
+        if not self.on_gpu:
+            return contextlib.nullcontext()
+        cupy = _cupy()
+        stack = contextlib.ExitStack()
+        stack.enter_context(cupy.cuda.Device(self.device_id))
+        if self.stream is not None:
+            stack.enter_context(cupy.cuda.Stream.from_external(self.stream))
+        return stack
+
+
 def _describe(x):
     return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
+def _instance_of(x, module, attribute):
+    """``isinstance(x, module.attribute)`` for a module that is already imported, else False."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(x, getattr(loaded, attribute))
+
+
 def _origin_of(x):
-    """The Origin of one operand, or None if it is not an array cuflash can take."""
+    """The Origin of one operand, or None if it is not an array cuflash can take.
+
+    Raises what ``__dlpack_device__`` raises for objects that claim DLPack but cannot say where
+    they live.
+    """
     if isinstance(x, numpy.ndarray):
         return Origin("numpy", _CPU, 0)
-    cupy = sys.modules.get("cupy")
-    if cupy is not None and isinstance(x, cupy.ndarray):
+    if _instance_of(x, "cupy", "ndarray"):
         return Origin("cupy", _CUDA, x.device.id)
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        device_type, device_id = x.__dlpack_device__()
-        framework = sys.modules.get(type(x).__module__.split(".")[0])
-        return Origin(type(x).__module__.split(".")[0], int(device_type), int(device_id), framework)
-    return None
+    if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
+        return None
+    device_type, device_id = (int(n) for n in x.__dlpack_device__())
+    if _instance_of(x, "torch", "Tensor"):
+        torch = sys.modules["torch"]
+        stream = torch.cuda.current_stream(device_id) if device_type == _CUDA else None
+        return Origin("torch", device_type, device_id, torch.from_dlpack, stream)
+    if _instance_of(x, "jax", "Array"):
+        return Origin("jax", device_type, device_id, sys.modules["jax"].dlpack.from_dlpack)
+    namespace = x.__array_namespace__() if hasattr(x, "__array_namespace__") else None
+    return Origin(type(x).__module__.split(".")[0], device_type, device_id, getattr(namespace, "from_dlpack", None))
 
 
-def _import(x, origin):
+def _import(name, x, origin):
+    """One operand as a NumPy (CPU) or CuPy (CUDA) array over the caller's memory.
+
+    Returns ``(array, problem)``: exactly one of them is None.
+    """
     if origin.kind in ("numpy", "cupy"):
-        return x
-    if origin.device_type == _CPU:
-        return numpy.from_dlpack(x)
-    if origin.device_type == _CUDA:
-        return _cupy().from_dlpack(x)
-    raise AssertionError("unreachable: device checked in import_operands")
+        return x, None
+    if origin.kind == "torch" and x.requires_grad:
+        x = x.detach()
+    producer = _Relabelled(x, _BFLOAT, _UINT)
+    try:
+        array = numpy.from_dlpack(producer) if origin.device_type == _CPU else _cupy().from_dlpack(producer)
+    except (BufferError, TypeError, ValueError, RuntimeError) as exc:
+        return None, f"{name} ({_describe(x)}) could not be imported through DLPack: {type(exc).__name__}: {exc}"
+    if not producer.relabelled:
+        return array, None
+    bfloat16 = _bfloat16()
+    if bfloat16 is None:
+        return None, (f"{name} is bfloat16, which NumPy and CuPy hold through the ml_dtypes package; "
+                      "install it (pip install ml_dtypes, or cuflash[bfloat16])")
+    return array.view(bfloat16), None
+
+
+def _raise(what, problems):
+    raise TypeError(f"invalid arguments to {what}:\n  - " + "\n  - ".join(problems))
 
 
 def import_operands(what, **operands):
-    """Return the operands as NumPy/CuPy arrays (in the given order) and their common Origin.
+    """The operands as NumPy/CuPy arrays over the caller's memory (in the given order), and their Origin.
 
-    Raises one TypeError naming every operand that is not an array on a CPU or CUDA device, or
-    that comes from a different framework or device than the others.
+    Raises one TypeError listing every operand that is not an array in CPU or CUDA memory, every
+    operand that comes from another framework or device than the rest, and every operand that
+    cannot be imported. Only views are made before that: nothing is allocated or launched.
     """
     problems, origins = [], {}
     for name, x in operands.items():
-        origin = _origin_of(x)
+        try:
+            origin = _origin_of(x)
+        except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+            problems.append(f"{name} ({_describe(x)}) cannot say where it lives: {type(exc).__name__}: {exc}")
+            continue
         if origin is None:
-            problems.append(f"{name} must be an array (NumPy, CuPy or any DLPack producer), got {_describe(x)}")
+            problems.append(f"{name} must be an array (NumPy, CuPy or any DLPack producer such as PyTorch "
+                            f"or JAX), got {_describe(x)}")
         elif origin.device_type not in (_CPU, _CUDA):
-            problems.append(f"{name} lives on DLPack device type {origin.device_type}; only CPU and CUDA memory are supported")
+            device = _DEVICE_NAMES.get(origin.device_type, f"DLPack device type {origin.device_type}")
+            problems.append(f"{name} lives in {device} memory (device {origin.device_id}); "
+                            "cuflash takes CPU and CUDA memory only")
         else:
             origins[name] = origin
-    places = {(o.kind, o.device_type, o.device_id) for o in origins.values()}
-    if len(places) > 1:
-        listed = ", ".join(f"{n}: {o.kind} on {'cuda:%d' % o.device_id if o.on_gpu else 'cpu'}" for n, o in origins.items())
-        problems.append(f"all operands must come from one framework on one device, got {listed}")
+    if len({(o.kind, o.place) for o in origins.values()}) > 1:
+        listed = ", ".join(f"{n}: {o.kind} on {o.place}" for n, o in origins.items())
+        problems.append(f"all operands must come from one framework on one device, got {listed}; "
+                        "convert them to one framework and device first")
     if problems:
-        raise TypeError(f"invalid arguments to {what}:\n  - " + "\n  - ".join(problems))
+        _raise(what, problems)
     origin = next(iter(origins.values()))
-    return [_import(x, origin) for x in operands.values()], origin
+    arrays = []
+    with origin.context():
+        for name, x in operands.items():
+            array, problem = _import(name, x, origin)
+            arrays.append(array)
+            if problem is not None:
+                problems.append(problem)
+    if problems:
+        _raise(what, problems)
+    return arrays, origin
 
 
 def export(result, origin):
-    """Hand a NumPy/CuPy result back as the caller's array type, on the caller's device."""
-    if origin.kind == "numpy":
-        return result if isinstance(result, numpy.ndarray) else result.get()
-    if origin.kind == "cupy":
-        return result if not isinstance(result, numpy.ndarray) else _cupy().asarray(result)
-    if origin.framework is not None and hasattr(origin.framework, "from_dlpack"):
-        return origin.framework.from_dlpack(result)
-    return result
+    """Hand a NumPy/CuPy result back as the caller's array type, on the caller's device.
+
+    Results already on the caller's device are shared, not copied; results of the other backend
+    (the NumPy backend on CUDA operands, the CUDA backend on CPU operands) are copied across.
+    """
+    with origin.context():
+        if origin.on_gpu:
+            cupy = _cupy()
+            if not isinstance(result, cupy.ndarray):
+                result = cupy.asarray(result)
+        elif not isinstance(result, numpy.ndarray):
+            result = result.get()
+        if origin.to_caller is None:
+            return result
+        if result.dtype.name == "bfloat16":
+            return origin.to_caller(_Relabelled(result.view(numpy.uint16), _UINT, _BFLOAT))
+        return origin.to_caller(result)
 
 
 def as_host_arrays(**operands):
     """The operands as NumPy arrays (copied from the GPU where needed), for the reference."""
     arrays, origin = import_operands("cuflash.reference", **operands)
-    return [x if isinstance(x, numpy.ndarray) else x.get() for x in arrays]
+    with origin.context():
+        return [x if isinstance(x, numpy.ndarray) else x.get() for x in arrays]

@@ -1,0 +1,208 @@
+"""PyTorch CPU tensors through cuflash (NumPy backend), and autograd through ``cuflash.torch``.
+
+Skipped without PyTorch. The gradients are checked against PyTorch's own float64 math attention.
+"""
+
+import sys
+
+import numpy
+import pytest
+
+import cuflash
+
+from .helpers import BFLOAT16, assert_close, magnitudes, naive_same_dtype
+from .interop_helpers import pointer, recording
+
+torch = pytest.importorskip("torch")
+import cuflash.torch  # noqa: E402  (needs torch, which the skip above guarantees)
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+DTYPES = [torch.float16, torch.float32, torch.float64] + ([torch.bfloat16] if BFLOAT16 is not None else [])
+
+
+def _numpy_dtype(dtype):
+    return BFLOAT16 if dtype == torch.bfloat16 else numpy.dtype(str(dtype).removeprefix("torch."))
+
+
+def _host(t):
+    """A tensor's values as a NumPy array of the matching dtype (bfloat16 via ml_dtypes), exactly."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy().astype(BFLOAT16)
+    return t.numpy()
+
+
+def _tensors(seed, dtype, B=2, Sq=5, Sk=7, Hq=4, Hkv=2, D=8, Dv=6, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, Dv), (B, Sq, Hq, Dv)]
+    q, k, v, dout = (torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes)
+    for x in (q, k, v):
+        x.requires_grad_(requires_grad)
+    return q, k, v, dout
+
+
+def _math_attention(q, k, v, *, causal, causal_alignment, scale=None):
+    """PyTorch's float64 math attention on BSHD tensors: the yardstick for values and gradients."""
+    Sq, Sk = q.shape[1], k.shape[1]
+    group = q.shape[2] // k.shape[2]
+    Q, K, V = (x.double().transpose(1, 2) for x in (q, k, v))
+    K, V = K.repeat_interleave(group, dim=1), V.repeat_interleave(group, dim=1)
+    mask, is_causal = None, False
+    if causal and causal_alignment == "top_left":
+        is_causal = True  # PyTorch's is_causal is cuflash's top-left alignment
+    elif causal:
+        mask = torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=mask, is_causal=is_causal,
+                                                               scale=scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_tensors_in_tensors_out_without_copies(dtype):
+    q, k, v, dout = _tensors(10, dtype)
+    with recording("numpy") as calls:
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True, backend="numpy")
+        dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, backend="numpy")
+    for x, like in ((out, dout), (dq, q), (dk, k), (dv, v)):
+        assert isinstance(x, torch.Tensor) and x.dtype == dtype and x.device == like.device and x.shape == like.shape
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    forward, backward = calls["forward"][0], calls["backward"][0]
+    # Inputs read in place (bfloat16 too: it arrives as a view, not a converted copy) ...
+    assert [pointer(a) for a in forward.arrays] == [x.data_ptr() for x in (q, k, v)]
+    assert forward.arrays[0].dtype == _numpy_dtype(dtype)
+    # ... and outputs handed back in place.
+    assert [pointer(a) for a in forward.results] == [out.data_ptr(), lse.data_ptr()]
+    assert [pointer(a) for a in backward.results] == [x.data_ptr() for x in (dq, dk, dv)]
+    host = [_host(x) for x in (q, k, v, dout)]
+    ref_out, ref_lse = cuflash.reference.attention(*host[:3], causal=True)
+    naive = naive_same_dtype(*host, causal=True)
+    sizes = magnitudes(*host)
+    assert_close("out", _host(out), ref_out, naive[0], host[0].dtype, magnitude=sizes["out"])
+    ref_grads = cuflash.reference.attention_backward(host[3], *host[:3], causal=True)
+    for name, x, ref, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, naive[1:]):
+        assert_close(name, _host(x), ref, nv, host[0].dtype, factor=3.0, magnitude=sizes[name])
+
+
+def test_strided_bhsd_views_are_read_in_place():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g).transpose(1, 2) for _ in range(3))  # BHSD storage
+    assert not q.is_contiguous()
+    with recording("numpy") as calls:
+        out = cuflash.attention(q, k, v, causal=True, backend="numpy")
+    arrays = calls["forward"][0].arrays
+    assert [pointer(a) for a in arrays] == [x.data_ptr() for x in (q, k, v)]
+    assert arrays[0].strides == tuple(s * q.element_size() for s in q.stride())
+    expected = cuflash.attention(*(x.contiguous() for x in (q, k, v)), causal=True, backend="numpy")
+    assert torch.equal(out, expected)
+
+
+def test_tensors_that_require_grad_pass_through_the_plain_api():
+    q, k, v, _ = _tensors(12, torch.float32, requires_grad=True)
+    with recording("numpy") as calls:
+        out = cuflash.attention(q, k, v, backend="numpy")
+    assert [pointer(a) for a in calls["forward"][0].arrays] == [x.data_ptr() for x in (q, k, v)]
+    assert not out.requires_grad  # the plain API is outside autograd; cuflash.torch is inside
+    assert torch.equal(out, cuflash.attention(*(x.detach() for x in (q, k, v)), backend="numpy"))
+
+
+def test_attention_vjp_on_tensors():
+    q, k, v, dout = _tensors(13, torch.float64)
+    out, vjp = cuflash.attention_vjp(q, k, v, causal=True, backend="numpy")
+    grads = vjp(dout)
+    ref = cuflash.reference.attention_backward(*(x.numpy() for x in (dout, q, k, v)), causal=True)
+    assert isinstance(out, torch.Tensor)
+    for x, r in zip(grads, ref):
+        assert isinstance(x, torch.Tensor)
+        numpy.testing.assert_allclose(x.numpy(), r, rtol=1e-10, atol=1e-12)
+
+
+CASES = [
+    # (Sq, Sk, Hq, Hkv, causal, causal_alignment)
+    (5, 7, 4, 2, False, "bottom_right"),
+    (5, 7, 4, 2, True, "bottom_right"),
+    (7, 5, 2, 2, True, "bottom_right"),  # rows 0 and 1 see no key
+    (7, 5, 3, 1, True, "top_left"),
+    (6, 6, 4, 4, True, "top_left"),
+    (1, 9, 2, 1, True, "bottom_right"),
+]
+
+
+@pytest.mark.parametrize("Sq, Sk, Hq, Hkv, causal, causal_alignment", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_autograd_matches_torch_float64_math_attention(dtype, Sq, Sk, Hq, Hkv, causal, causal_alignment):
+    q, k, v, dout = _tensors(14 + Sq + 10 * Sk, dtype, Sq=Sq, Sk=Sk, Hq=Hq, Hkv=Hkv, requires_grad=True)
+    scale = 0.7 if causal_alignment == "top_left" else None
+    out = cuflash.torch.attention(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale)
+    assert out.requires_grad and out.dtype == dtype
+    (out * dout).sum().backward()
+    grads = [x.grad for x in (q, k, v)]
+
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = _math_attention(*leaves, causal=causal, causal_alignment=causal_alignment, scale=scale)
+    (expected * dout.double()).sum().backward()
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=rtol, atol=atol)
+    for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), leaf.grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(BFLOAT16 is None, reason="bfloat16 on the CPU needs ml_dtypes")
+def test_bfloat16_autograd_stays_bfloat16():
+    q, k, v, dout = _tensors(15, torch.bfloat16, requires_grad=True)
+    out = cuflash.torch.attention(q, k, v, causal=True)
+    (out * dout).sum().backward()
+    assert out.dtype == torch.bfloat16 and all(x.grad.dtype == torch.bfloat16 for x in (q, k, v))
+    host = [_host(x) for x in (q, k, v, dout)]
+    naive = naive_same_dtype(*host, causal=True)
+    sizes = magnitudes(*host)
+    ref_out, _ = cuflash.reference.attention(*host[:3], causal=True)
+    assert_close("out", _host(out), ref_out, naive[0], BFLOAT16, magnitude=sizes["out"])
+    ref = cuflash.reference.attention_backward(host[3], *host[:3], causal=True)
+    for name, x, r, nv in zip(("dq", "dk", "dv"), (q, k, v), ref, naive[1:]):
+        assert_close(name, _host(x.grad), r, nv, BFLOAT16, factor=3.0, magnitude=sizes[name])
+
+
+def test_backward_of_a_sum_takes_a_broadcast_gradient():
+    # out.sum() hands the backward a stride-0 expanded tensor of ones.
+    q, k, v, _ = _tensors(16, torch.float64, requires_grad=True)
+    cuflash.torch.attention(q, k, v, causal=True).sum().backward()
+    ones = numpy.ones((2, 5, 4, 6))
+    ref = cuflash.reference.attention_backward(ones, *(x.detach().numpy() for x in (q, k, v)), causal=True)
+    for x, r in zip((q, k, v), ref):
+        numpy.testing.assert_allclose(x.grad.numpy(), r, rtol=1e-10, atol=1e-12)
+
+
+def test_only_the_inputs_that_need_it_get_gradients():
+    q, k, v, dout = _tensors(17, torch.float64)
+    k.requires_grad_(True)
+    (cuflash.torch.attention(q, k, v) * dout).sum().backward()
+    assert q.grad is None and v.grad is None and k.grad is not None
+
+
+def test_mixed_torch_and_numpy_are_refused():
+    q, k, v, _ = _tensors(18, torch.float32)
+    with pytest.raises(TypeError, match=r"one framework on one device, got q: torch on cpu, k: numpy on cpu"):
+        cuflash.attention(q, k.numpy(), v)
+
+
+def test_adapter_refuses_non_tensors_and_bad_options_before_running():
+    q, k, v, _ = _tensors(19, torch.float32)
+    with recording("numpy") as calls:
+        with pytest.raises(TypeError, match=r"k must be a torch.Tensor, got numpy.ndarray"):
+            cuflash.torch.attention(q, k.numpy(), v)
+        with pytest.raises(TypeError, match=r"deterministic must be a bool"):
+            cuflash.torch.attention(q, k, v, deterministic="yes")
+        with pytest.raises(ValueError, match=r"causal_alignment must be one of"):
+            cuflash.torch.attention(q, k, v, causal=True, causal_alignment="top")
+    assert calls["forward"] == []
+
+
+@pytest.mark.skipif(BFLOAT16 is None, reason="needs ml_dtypes to show the difference")
+def test_cpu_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
+    q, k, v, _ = _tensors(20, torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # as if it were not installed
+    with pytest.raises(TypeError, match=r"q is bfloat16.*ml_dtypes") as info:
+        cuflash.attention(q, k, v, backend="numpy")
+    assert "k is bfloat16" in str(info.value) and "v is bfloat16" in str(info.value)
