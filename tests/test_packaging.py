@@ -1,0 +1,44 @@
+"""The wheel carries the CUDA sources, and an installed (non-editable) cuflash finds them."""
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHECK = """
+import numpy, cuflash
+from cuflash._cuda import runtime
+where = runtime.source_dir()
+assert "site-packages" in str(where), where
+names = sorted(p.name for p in where.iterdir())
+assert any(n.endswith(".cu") for n in names), names
+for name in names:
+    assert "#include \\"" not in runtime.cuda_source(name), name  # local headers all expanded
+q = numpy.random.default_rng(0).standard_normal((1, 9, 2, 8))
+out, lse = cuflash.attention(q, q, q, causal=True, return_lse=True, backend="numpy")
+ref, _ = cuflash.reference.attention(q, q, q, causal=True)
+assert numpy.allclose(out, ref)
+print("OK", where, names)
+"""
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="needs the source checkout")
+def test_wheel_installs_into_a_fresh_venv_and_finds_the_cuda_sources(tmp_path):
+    wheel_dir = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],
+                   check=True)
+    (wheel,) = wheel_dir.glob("cuflash-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True)
+    # Run from an empty folder so the checkout cannot shadow the installed package.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([str(python), "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("OK")
