@@ -139,20 +139,32 @@ def host_empty(shape, dtype):
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+class _StreamHandle:
+    """A raw ``cudaStream_t`` offered through the CUDA stream protocol, which CuPy's
+    ``Stream.from_external`` takes (from the handle alone, whatever PyTorch version made it)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self._handle)
+
+
 @dataclass(frozen=True, eq=False)
 class Origin:
     """Where the operands of one call come from, and how results get back there.
 
     ``kind`` is "numpy", "cupy", "torch", "jax" or the top-level module of another producer's type.
     ``to_caller`` is the caller's DLPack importer (None: results stay NumPy/CuPy arrays), and
-    ``stream`` a PyTorch CUDA stream to run on (None: CuPy's current stream).
+    ``stream`` the handle of the stream to run on, PyTorch's current one for torch CUDA tensors
+    (0 is the legacy default stream); None means CuPy's current stream.
     """
 
     kind: str
     device_type: int
     device_id: int
     to_caller: Optional[Callable[[Any], Any]] = None
-    stream: Any = None
+    stream: Optional[int] = None
 
     @property
     def on_gpu(self):
@@ -173,7 +185,7 @@ class Origin:
         stack = contextlib.ExitStack()
         stack.enter_context(cupy.cuda.Device(self.device_id))
         if self.stream is not None:
-            stack.enter_context(cupy.cuda.Stream.from_external(self.stream))
+            stack.enter_context(cupy.cuda.Stream.from_external(_StreamHandle(self.stream)))
         return stack
 
 
@@ -202,7 +214,7 @@ def _origin_of(x):
     device_type, device_id = (int(n) for n in x.__dlpack_device__())
     if _instance_of(x, "torch", "Tensor"):
         torch = sys.modules["torch"]
-        stream = torch.cuda.current_stream(device_id) if device_type == _CUDA else None
+        stream = torch.cuda.current_stream(device_id).cuda_stream if device_type == _CUDA else None
         return Origin("torch", device_type, device_id, torch.from_dlpack, stream)
     if _instance_of(x, "jax", "Array"):
         return Origin("jax", device_type, device_id, sys.modules["jax"].dlpack.from_dlpack)

@@ -47,5 +47,39 @@ def recording(backend):
 
         return run
 
-    with mock.patch.object(cls, "forward", recorded("forward")), mock.patch.object(cls, "backward", recorded("backward")):
+    with mock.patch.object(cls, "forward", recorded("forward")), \
+            mock.patch.object(cls, "backward", recorded("backward")):
         yield calls
+
+
+def torch_host(tensor):
+    """A tensor's values as a NumPy array of the same dtype (bfloat16 through ml_dtypes), exactly."""
+    from .helpers import BFLOAT16
+
+    tensor = tensor.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        return tensor.float().numpy().astype(BFLOAT16)
+    return tensor.numpy()
+
+
+def math_attention(q, k, v, *, causal, causal_alignment, scale=None):
+    """PyTorch's float64 math attention on BSHD tensors, differentiable: the yardstick of the adapters.
+
+    PyTorch's ``is_causal`` is cuflash's top-left alignment; bottom-right gets an explicit mask.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    Sq, Sk = q.shape[1], k.shape[1]
+    group = q.shape[2] // k.shape[2]
+    Q, K, V = (x.double().transpose(1, 2) for x in (q, k, v))
+    K, V = K.repeat_interleave(group, dim=1), V.repeat_interleave(group, dim=1)
+    mask, is_causal = None, False
+    if causal and causal_alignment == "top_left":
+        is_causal = True
+    elif causal:
+        mask = torch.arange(Sk, device=q.device)[None, :] <= torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=mask, is_causal=is_causal,
+                                                               scale=scale)
+    return out.transpose(1, 2)

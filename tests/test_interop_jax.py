@@ -1,5 +1,7 @@
 """JAX CPU arrays through cuflash (NumPy backend), and gradients through ``cuflash.jax``. Skipped without JAX."""
 
+import os
+
 import numpy
 import pytest
 
@@ -8,6 +10,8 @@ import cuflash
 from .helpers import BFLOAT16, assert_close, magnitudes, naive_same_dtype
 from .interop_helpers import pointer, recording
 
+# A JAX with CUDA would otherwise reserve most of the GPU's memory at its start, starving CuPy.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 jax = pytest.importorskip("jax")
 import cuflash.jax  # noqa: E402  (needs jax, which the skip above guarantees)
 import jax.numpy as jnp  # noqa: E402

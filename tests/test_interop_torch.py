@@ -11,25 +11,16 @@ import pytest
 import cuflash
 
 from .helpers import BFLOAT16, assert_close, magnitudes, naive_same_dtype
-from .interop_helpers import pointer, recording
+from .interop_helpers import math_attention, pointer, recording, torch_host
 
 torch = pytest.importorskip("torch")
 import cuflash.torch  # noqa: E402  (needs torch, which the skip above guarantees)
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 DTYPES = [torch.float16, torch.float32, torch.float64] + ([torch.bfloat16] if BFLOAT16 is not None else [])
 
 
 def _numpy_dtype(dtype):
     return BFLOAT16 if dtype == torch.bfloat16 else numpy.dtype(str(dtype).removeprefix("torch."))
-
-
-def _host(t):
-    """A tensor's values as a NumPy array of the matching dtype (bfloat16 via ml_dtypes), exactly."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.float().numpy().astype(BFLOAT16)
-    return t.numpy()
 
 
 def _tensors(seed, dtype, B=2, Sq=5, Sk=7, Hq=4, Hkv=2, D=8, Dv=6, requires_grad=False):
@@ -39,23 +30,6 @@ def _tensors(seed, dtype, B=2, Sq=5, Sk=7, Hq=4, Hkv=2, D=8, Dv=6, requires_grad
     for x in (q, k, v):
         x.requires_grad_(requires_grad)
     return q, k, v, dout
-
-
-def _math_attention(q, k, v, *, causal, causal_alignment, scale=None):
-    """PyTorch's float64 math attention on BSHD tensors: the yardstick for values and gradients."""
-    Sq, Sk = q.shape[1], k.shape[1]
-    group = q.shape[2] // k.shape[2]
-    Q, K, V = (x.double().transpose(1, 2) for x in (q, k, v))
-    K, V = K.repeat_interleave(group, dim=1), V.repeat_interleave(group, dim=1)
-    mask, is_causal = None, False
-    if causal and causal_alignment == "top_left":
-        is_causal = True  # PyTorch's is_causal is cuflash's top-left alignment
-    elif causal:
-        mask = torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
-    with sdpa_kernel(SDPBackend.MATH):
-        out = torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=mask, is_causal=is_causal,
-                                                               scale=scale)
-    return out.transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -74,14 +48,14 @@ def test_cpu_tensors_in_tensors_out_without_copies(dtype):
     # ... and outputs handed back in place.
     assert [pointer(a) for a in forward.results] == [out.data_ptr(), lse.data_ptr()]
     assert [pointer(a) for a in backward.results] == [x.data_ptr() for x in (dq, dk, dv)]
-    host = [_host(x) for x in (q, k, v, dout)]
+    host = [torch_host(x) for x in (q, k, v, dout)]
     ref_out, ref_lse = cuflash.reference.attention(*host[:3], causal=True)
     naive = naive_same_dtype(*host, causal=True)
     sizes = magnitudes(*host)
-    assert_close("out", _host(out), ref_out, naive[0], host[0].dtype, magnitude=sizes["out"])
+    assert_close("out", torch_host(out), ref_out, naive[0], host[0].dtype, magnitude=sizes["out"])
     ref_grads = cuflash.reference.attention_backward(host[3], *host[:3], causal=True)
     for name, x, ref, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, naive[1:]):
-        assert_close(name, _host(x), ref, nv, host[0].dtype, factor=3.0, magnitude=sizes[name])
+        assert_close(name, torch_host(x), ref, nv, host[0].dtype, factor=3.0, magnitude=sizes[name])
 
 
 def test_strided_bhsd_views_are_read_in_place():
@@ -139,7 +113,7 @@ def test_autograd_matches_torch_float64_math_attention(dtype, Sq, Sk, Hq, Hkv, c
     grads = [x.grad for x in (q, k, v)]
 
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    expected = _math_attention(*leaves, causal=causal, causal_alignment=causal_alignment, scale=scale)
+    expected = math_attention(*leaves, causal=causal, causal_alignment=causal_alignment, scale=scale)
     (expected * dout.double()).sum().backward()
     rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)
     torch.testing.assert_close(out.double(), expected.detach(), rtol=rtol, atol=atol)
@@ -154,14 +128,14 @@ def test_bfloat16_autograd_stays_bfloat16():
     out = cuflash.torch.attention(q, k, v, causal=True)
     (out * dout).sum().backward()
     assert out.dtype == torch.bfloat16 and all(x.grad.dtype == torch.bfloat16 for x in (q, k, v))
-    host = [_host(x) for x in (q, k, v, dout)]
+    host = [torch_host(x) for x in (q, k, v, dout)]
     naive = naive_same_dtype(*host, causal=True)
     sizes = magnitudes(*host)
     ref_out, _ = cuflash.reference.attention(*host[:3], causal=True)
-    assert_close("out", _host(out), ref_out, naive[0], BFLOAT16, magnitude=sizes["out"])
+    assert_close("out", torch_host(out), ref_out, naive[0], BFLOAT16, magnitude=sizes["out"])
     ref = cuflash.reference.attention_backward(host[3], *host[:3], causal=True)
     for name, x, r, nv in zip(("dq", "dk", "dv"), (q, k, v), ref, naive[1:]):
-        assert_close(name, _host(x.grad), r, nv, BFLOAT16, factor=3.0, magnitude=sizes[name])
+        assert_close(name, torch_host(x.grad), r, nv, BFLOAT16, factor=3.0, magnitude=sizes[name])
 
 
 def test_backward_of_a_sum_takes_a_broadcast_gradient():
