@@ -1,0 +1,345 @@
+"""Attention benchmark: cuflash beside PyTorch SDPA (flash, cuDNN, mem-efficient) and naive CuPy.
+
+    python bench/bench_attention.py [--quick] [--out DIR] [--dtypes bfloat16,float16,float32]
+                                    [--dims 64,128,256] [--ns 512,...,16384] [--modes fwd,bwd,fwdbwd]
+
+Shapes follow the FlashAttention papers: B * N = 16k tokens, H * D = 2048, N = 512 .. 16k.
+FLOPs: forward 4 * B * H * N^2 * D, halved when causal; backward 2.5x, forward+backward 3.5x.
+Each row also carries the max error against float64 of cuflash and of the SDPA backend beside it,
+measured on 256 query rows of two heads (a float64 reference of the whole problem would not fit).
+Times are medians of CUDA-event timings after a warm-up. torch is optional: without it only
+cuflash and naive CuPy run. Backward rows go through ``cuflash.attention_backward`` and are
+skipped with a note while it raises NotImplementedError.
+
+Writes ``bench_attention.json`` (every number) and, if matplotlib imports, ``bench_attention.png``
+(TF/s against N) to --out, and prints a table last. Also measured: peak extra device memory of one
+call against N, and the first-call latency of a fresh process with an empty kernel cache (cold)
+and with the cache filled (warm).
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import cuflash  # noqa: E402
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # the comparison columns are left out
+    torch = None
+
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:
+    BF16 = None
+
+NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32)}
+TOKENS = 16384
+HIDDEN = 2048
+ERROR_ROWS = 256
+ERROR_HEADS = 2
+
+
+def flops(b, h, n, d, causal, mode):
+    f = 4 * b * h * n * n * d / (2 if causal else 1)
+    return f * {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}[mode]
+
+
+def median_ms(fn, warmup=3, iters=20, budget_s=3.0):
+    """Median time of ``fn`` with CUDA events on the current stream (fewer iterations if slow)."""
+    for _ in range(warmup):
+        fn()
+    cp.cuda.Device().synchronize()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+        if time.perf_counter() - t0 > budget_s and len(times) >= 3:
+            break
+    return float(np.median(times))
+
+
+def reference_rows(q, k, v, causal):
+    """float64 (out rows) for the first ERROR_ROWS queries of the first ERROR_HEADS heads of batch 0."""
+    n = q.shape[1]
+    rows = min(ERROR_ROWS, n)
+    # Spread the sampled rows over the sequence so causal rows of every length are covered.
+    idx = cp.linspace(0, n - 1, rows).astype(cp.int64)
+    out = []
+    for h in range(min(ERROR_HEADS, q.shape[2])):
+        Q = q[0, idx, h].astype(cp.float64)
+        K = k[0, :, h].astype(cp.float64)
+        V = v[0, :, h].astype(cp.float64)
+        S = (Q @ K.T) / math.sqrt(q.shape[3])
+        if causal:
+            S = cp.where(cp.arange(n)[None, :] <= idx[:, None], S, -cp.inf)
+        S -= S.max(axis=1, keepdims=True)
+        P = cp.exp(S)
+        P /= P.sum(axis=1, keepdims=True)
+        out.append(P @ V)
+    return idx, cp.stack(out, axis=1)  # (rows, heads, D)
+
+
+def row_error(out, idx, ref):
+    heads = ref.shape[1]
+    return float(cp.abs(out[0, idx, :heads].astype(cp.float64) - ref).max())
+
+
+def torch_view(x):
+    """A zero-copy torch tensor of a CuPy array (bfloat16 goes through its 16-bit pattern)."""
+    if x.dtype == BF16:
+        return torch.from_dlpack(x.view(cp.uint16)).view(torch.bfloat16)
+    return torch.from_dlpack(x)
+
+
+def cupy_view(t):
+    """A CuPy float32 copy of a torch tensor."""
+    return cp.from_dlpack(t.float().contiguous())
+
+
+def sdpa_call(name, tq, tk, tv, causal):
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+
+    def f():
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+    return f
+
+
+def naive_cupy(q, k, v, causal):
+    """softmax(Q K^T / sqrt(D)) V with CuPy matmuls (materializes S): the plain-framework baseline."""
+    Q, K, V = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    S = (Q @ K.transpose(0, 1, 3, 2)).astype(cp.float32) * (1.0 / math.sqrt(q.shape[3]))
+    if causal:
+        n = q.shape[1]
+        S = cp.where(cp.arange(n)[None, :] <= cp.arange(n)[:, None], S, -cp.inf)
+    S -= S.max(axis=-1, keepdims=True)
+    P = cp.exp(S)
+    P /= P.sum(axis=-1, keepdims=True)
+    return (P.astype(q.dtype) @ V).transpose(0, 2, 1, 3)
+
+
+def bench_row(dtype_name, d, n, causal, modes, with_naive):
+    dtype = NP_DTYPES[dtype_name]
+    h, b = HIDDEN // d, max(1, TOKENS // n)
+    rng = cp.random.default_rng(n + d)
+    q, k, v, do = (rng.standard_normal((b, n, h, d), dtype=np.float32).astype(dtype) for _ in range(4))
+    row = dict(dtype=dtype_name, d=d, n=n, b=b, h=h, causal=causal)
+    ref_idx, ref = reference_rows(q, k, v, causal)
+    sdpa_names = (["efficient"] if dtype_name == "float32" else ["flash", "cudnn"]) if torch is not None else []
+    tq = tk = tv = tdo = None
+    if torch is not None:
+        # SDPA takes (B, H, S, D); transposed views of the same BSHD memory.
+        tq, tk, tv, tdo = (torch_view(x).transpose(1, 2) for x in (q, k, v, do))
+
+    if "fwd" in modes:
+        f = lambda: cuflash.attention(q, k, v, causal=causal)
+        row["cuflash_fwd"] = flops(b, h, n, d, causal, "fwd") / median_ms(f) / 1e9
+        row["cuflash_err"] = row_error(f(), ref_idx, ref)
+        for name in sdpa_names:
+            try:
+                g = sdpa_call(name, tq, tk, tv, causal)
+                row[f"{name}_fwd"] = flops(b, h, n, d, causal, "fwd") / median_ms(g) / 1e9
+                row[f"{name}_err"] = row_error(cupy_view(g().transpose(1, 2)), ref_idx, ref)
+            except Exception as exc:  # backend unavailable for this shape/dtype
+                row[f"{name}_fwd"] = None
+                row[f"{name}_note"] = str(exc).splitlines()[0][:80]
+        if with_naive and dtype_name == "float16":
+            need = b * h * n * n * (2 + 4 + 4 + 2)  # S in fp16, f32 copy, P, P in fp16
+            if need < 0.4 * cp.cuda.Device().mem_info[0]:
+                g = lambda: naive_cupy(q, k, v, causal)
+                row["naive_fwd"] = flops(b, h, n, d, causal, "fwd") / median_ms(g, warmup=1, iters=3) / 1e9
+                row["naive_err"] = row_error(g(), ref_idx, ref)
+            cp.get_default_memory_pool().free_all_blocks()
+
+    if "bwd" in modes or "fwdbwd" in modes:
+        try:
+            out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+            bwd = lambda: cuflash.attention_backward(do, q, k, v, out, lse, causal=causal)
+            bwd()
+            if "bwd" in modes:
+                row["cuflash_bwd"] = flops(b, h, n, d, causal, "bwd") / median_ms(bwd) / 1e9
+            if "fwdbwd" in modes:
+                def both():
+                    o, l = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+                    return cuflash.attention_backward(do, q, k, v, o, l, causal=causal)
+                row["cuflash_fwdbwd"] = flops(b, h, n, d, causal, "fwdbwd") / median_ms(both) / 1e9
+        except NotImplementedError as exc:
+            row["cuflash_bwd_note"] = f"backward not available: {str(exc)[:60]}"
+        for name in sdpa_names:
+            try:
+                gq, gk, gv = (x.detach().clone().requires_grad_(True) for x in (tq, tk, tv))
+                with sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]]):
+                    o = F.scaled_dot_product_attention(gq, gk, gv, is_causal=causal)
+                    g = lambda: torch.autograd.grad(o, (gq, gk, gv), tdo, retain_graph=True)
+                    row[f"{name}_bwd"] = flops(b, h, n, d, causal, "bwd") / median_ms(g) / 1e9
+                del gq, gk, gv, o
+            except Exception as exc:
+                row[f"{name}_bwd"] = None
+                row[f"{name}_bwd_note"] = str(exc).splitlines()[0][:80]
+    del q, k, v, do, tq, tk, tv, tdo
+    cp.get_default_memory_pool().free_all_blocks()
+    return row
+
+
+def peak_memory(ns, d=128, dtype_name="bfloat16"):
+    """Peak bytes the memory pool holds for one cuflash call beyond its inputs (out + lse expected)."""
+    rows = []
+    dtype = NP_DTYPES[dtype_name]
+    pool = cp.get_default_memory_pool()
+    for n in ns:
+        h = HIDDEN // d
+        q, k, v = (cp.ones((1, n, h, d), dtype) for _ in range(3))
+        cp.cuda.Device().synchronize()
+        pool.free_all_blocks()
+        before = pool.total_bytes()
+        out = cuflash.attention(q, k, v, causal=True)
+        cp.cuda.Device().synchronize()
+        extra = pool.total_bytes() - before
+        rows.append(dict(n=n, h=h, d=d, extra_bytes=int(extra), out_bytes=int(out.nbytes),
+                         lse_bytes=int(h * n * 4)))
+        del q, k, v, out
+        pool.free_all_blocks()
+    return rows
+
+
+_LATENCY_SNIPPET = """
+import time, cupy as cp, numpy as np, cuflash
+q = cp.random.standard_normal((1, 1024, 16, 128), dtype=np.float32).astype(np.float16)
+cp.cuda.Device().synchronize()
+t0 = time.perf_counter()
+cuflash.attention(q, q, q, causal=True)
+cp.cuda.Device().synchronize()
+print(time.perf_counter() - t0)
+"""
+
+
+def first_call_latency():
+    """Seconds of the first call in a fresh process: empty kernel cache, then the filled one."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, CUPY_CACHE_DIR=cache, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        runs = []
+        for _ in range(2):
+            res = subprocess.run([sys.executable, "-c", _LATENCY_SNIPPET], env=env, capture_output=True, text=True)
+            runs.append(float(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None)
+    return {"cold_s": runs[0], "warm_s": runs[1]}
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = sorted({(r["dtype"], r["d"], r["causal"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
+    for ax, (dt, d, causal) in zip(axes[0], groups):
+        sel = sorted((r for r in rows if (r["dtype"], r["d"], r["causal"]) == (dt, d, causal)), key=lambda r: r["n"])
+        for key in ("cuflash_fwd", "flash_fwd", "cudnn_fwd", "efficient_fwd", "naive_fwd", "cuflash_bwd"):
+            pts = [(r["n"], r[key]) for r in sel if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=key.replace("_fwd", "").replace("_bwd", " bwd"))
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{dt} d={d} {'causal' if causal else 'full'}", fontsize=9)
+        ax.set_xlabel("N")
+        ax.set_ylabel("TF/s")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="bf16 and fp32, d=64/128, N=2k/8k, forward only")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--dtypes", default="bfloat16,float16,float32")
+    ap.add_argument("--dims", default="64,128,256")
+    ap.add_argument("--ns", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--modes", default="fwd,bwd,fwdbwd")
+    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--no-extras", action="store_true", help="skip the memory and latency measurements")
+    args = ap.parse_args()
+    if args.quick:
+        args.dtypes, args.dims, args.ns, args.modes = "bfloat16,float32", "64,128", "2048,8192", "fwd"
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    device = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    meta = dict(device=device, cupy=cp.__version__, torch=None if torch is None else torch.__version__,
+                argv=sys.argv[1:], time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    print(meta, flush=True)
+
+    rows = []
+    modes = args.modes.split(",")
+    for dt in args.dtypes.split(","):
+        for d in map(int, args.dims.split(",")):
+            if dt == "float32" and d == 256 and args.quick:
+                continue
+            for n in map(int, args.ns.split(",")):
+                for causal in (False, True):
+                    row = bench_row(dt, d, n, causal, modes, not args.no_naive)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    extras = {}
+    if not args.no_extras:
+        extras["peak_memory"] = peak_memory([1024, 4096, 16384, 65536])
+        extras["first_call_latency"] = first_call_latency()
+    result = dict(meta=meta, rows=rows, **extras)
+    (out_dir / "bench_attention.json").write_text(json.dumps(result, indent=1))
+    plotted = plot(rows, out_dir / "bench_attention.png")
+
+    print(f"\n{device}; TF/s (FLOPs 4BHN^2D, /2 causal; bwd x2.5); err = max |out - float64| on sampled rows")
+    print(f"{'dtype':8} {'d':>3} {'N':>6} {'c':1} | {'cuflash':>7} {'flash':>6} {'cudnn':>6} {'effic':>6} "
+          f"{'naive':>6} | {'ratio':>5} | {'err cufl':>8} {'err sdpa':>8} | {'bwd':>5} {'f+b':>5}")
+    for r in rows:
+        base = r.get("flash_fwd") or r.get("efficient_fwd")
+        ratio = r["cuflash_fwd"] / base if base and r.get("cuflash_fwd") else None
+        sdpa_err = r.get("flash_err", r.get("efficient_err"))
+        print(f"{r['dtype']:8} {r['d']:3} {r['n']:6} {'C' if r['causal'] else 'F'} | "
+              f"{fmt(r.get('cuflash_fwd'), '7.1f')} {fmt(r.get('flash_fwd'), '6.1f')} {fmt(r.get('cudnn_fwd'), '6.1f')} "
+              f"{fmt(r.get('efficient_fwd'), '6.1f')} {fmt(r.get('naive_fwd'), '6.1f')} | {fmt(ratio, '5.2f')} | "
+              f"{fmt(r.get('cuflash_err'), '8.1e')} {fmt(sdpa_err, '8.1e')} | "
+              f"{fmt(r.get('cuflash_bwd'), '5.0f')} {fmt(r.get('cuflash_fwdbwd'), '5.0f')}")
+    notes = {r.get("cuflash_bwd_note") for r in rows if r.get("cuflash_bwd_note")}
+    for note in notes:
+        print("note:", note)
+    if extras:
+        print("peak extra device memory of one causal call (bytes; out + lse for comparison):")
+        for m in extras["peak_memory"]:
+            print(f"  N={m['n']:6} extra={m['extra_bytes']:>11} out+lse={m['out_bytes'] + m['lse_bytes']:>11}")
+        print("first-call latency (s):", extras["first_call_latency"])
+    print(f"wrote {out_dir / 'bench_attention.json'}" + (f" and {out_dir / 'bench_attention.png'}" if plotted else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Forward-kernel development run: correctness over awkward shapes, then timings of tile variants.
+
+    python bench/dev_forward.py [--no-check] [--no-time] [--variants]
+
+Checks each case against a float64 computation on the GPU with FlashAttention's rule (max error
+<= 2x the error of a naive computation in the same dtype, plus a small floor), on NaN-prefilled
+outputs. Then times the default configuration (and, with --variants, alternatives from
+VARIANTS) beside torch SDPA's flash and cuDNN backends when torch is importable. Prints a short
+table last.
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cuflash._cuda import forward, runtime  # noqa: E402
+from cuflash._problem import Problem  # noqa: E402
+
+BF16 = np.dtype("bfloat16") if hasattr(np, "bfloat16") else None
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:
+    pass
+
+DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32)}
+C = forward.Config
+# (dtype kind, bucket) -> alternative configurations to time beside the table's choice.
+VARIANTS = {
+    ("16bit", 64): [C(128, 64, 4, 2), C(128, 128, 4, 2), C(128, 64, 4, 3), C(128, 128, 8, 2), C(64, 64, 4, 2)],
+    ("16bit", 128): [C(128, 64, 4, 2), C(128, 32, 4, 2), C(128, 64, 8, 2), C(128, 64, 8, 2, 2), C(128, 128, 8, 2),
+                     C(64, 64, 4, 2)],
+    ("16bit", 256): [C(128, 64, 8, 2), C(64, 16, 4, 2), C(64, 32, 4, 3), C(128, 32, 8, 2)],
+    ("float32", 128): [C(128, 16, 8, 2, 2), C(64, 32, 4, 2, 3), C(128, 32, 8, 2)],
+}
+
+
+def problem_of(B, Sq, Sk, Hq, Hkv, D, Dv, dtype, causal, align="bottom_right", scale=None):
+    return Problem(batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=Hkv, head_dim=D, head_dim_v=Dv,
+                   dtype=dtype, causal=causal, causal_offset=(Sk - Sq) if align == "bottom_right" else 0,
+                   scale=1 / math.sqrt(D) if scale is None else scale)
+
+
+def reference(q, k, v, p, compute_dtype=np.float64, round_to=None):
+    """Plain attention on the GPU in ``compute_dtype``; with ``round_to``, S, P and O are rounded to
+    that dtype after each step (a naive computation in the input dtype)."""
+    def rnd(x):
+        return x.astype(round_to).astype(compute_dtype) if round_to is not None else x
+
+    g = p.heads_q // p.heads_kv
+    Q = q.astype(compute_dtype).transpose(0, 2, 1, 3)
+    K = cp.repeat(k.astype(compute_dtype).transpose(0, 2, 1, 3), g, axis=1)
+    V = cp.repeat(v.astype(compute_dtype).transpose(0, 2, 1, 3), g, axis=1)
+    S = rnd(p.scale * (Q @ K.transpose(0, 1, 3, 2)))
+    if p.causal:
+        i = cp.arange(p.seqlen_q)[:, None]
+        j = cp.arange(p.seqlen_k)[None, :]
+        S = cp.where(j <= i + p.causal_offset, S, -cp.inf)
+    m = S.max(axis=-1, keepdims=True) if p.seqlen_k else cp.full(S.shape[:-1] + (1,), -cp.inf, compute_dtype)
+    shift = cp.where(cp.isneginf(m), 0, m)
+    E = cp.exp(S - shift)
+    l = E.sum(axis=-1, keepdims=True)
+    P = rnd(cp.where(l > 0, E / cp.where(l > 0, l, 1), 0))
+    O = rnd(P @ V).transpose(0, 2, 1, 3)
+    lse = cp.where(l[..., 0] > 0, shift[..., 0] + cp.log(cp.where(l[..., 0] > 0, l[..., 0], 1)), -cp.inf)
+    return O, lse
+
+
+def randn(shape, dtype, layout="bshd"):
+    """Random normal data in ``dtype``; layout 'bhsd' returns a BSHD view of BHSD storage,
+    'strided' a view with a stride of 2 along the head dim."""
+    if layout == "bhsd":
+        B, S, H, D = shape
+        return cp.random.standard_normal((B, H, S, D), dtype=np.float32).astype(dtype).transpose(0, 2, 1, 3)
+    if layout == "strided":
+        base = cp.random.standard_normal(shape[:-1] + (2 * shape[-1],), dtype=np.float32).astype(dtype)
+        return base[..., ::2]
+    return cp.random.standard_normal(shape, dtype=np.float32).astype(dtype)
+
+
+def run_case(B, Sq, Sk, Hq, Hkv, D, Dv, dtype_name, causal, align="bottom_right", layout="bshd", config=None):
+    dtype = DTYPES[dtype_name]
+    p = problem_of(B, Sq, Sk, Hq, Hkv, D, Dv, dtype, causal, align)
+    q = randn((B, Sq, Hq, D), dtype, layout)
+    k = randn((B, Sk, Hkv, D), dtype, layout)
+    v = randn((B, Sk, Hkv, Dv), dtype, layout)
+    out = cp.full((B, Sq, Hq, Dv), np.nan, dtype)
+    lse = cp.full((B, Hq, Sq), np.nan, np.float32)
+    forward._launch(q, k, v, out, lse, p, config)
+    out2 = cp.full_like(out, np.nan)
+    lse2 = cp.full_like(lse, np.nan)
+    forward._launch(q, k, v, out2, lse2, p, config)
+    cp.cuda.Device().synchronize()
+    O, L = reference(q, k, v, p)
+    naive_dtype = np.float32 if dtype_name == "float32" else dtype
+    On, Ln = reference(q, k, v, p, np.float32 if dtype_name != "float32" else np.float32,
+                       None if dtype_name == "float32" else naive_dtype)
+    o = out.astype(np.float64)
+    err = float(cp.abs(o - O).max()) if o.size else 0.0
+    err_naive = float(cp.abs(On.astype(np.float64) - O).max()) if o.size else 0.0
+    finite = cp.isfinite(L)
+    lerr = float(cp.abs(lse.astype(np.float64)[finite] - L[finite]).max()) if int(finite.sum()) else 0.0
+    lse_inf_ok = bool(cp.all(cp.isneginf(lse[~finite]))) and bool(cp.all(out.astype(np.float32)[
+        cp.broadcast_to(~finite.transpose(0, 2, 1)[..., None], out.shape)] == 0))
+    nan = bool(cp.isnan(out.astype(np.float32)).any()) or bool(cp.isnan(lse).any())
+    same = bool(cp.array_equal(out.view(np.uint8) if out.flags.c_contiguous else out.astype(np.float32),
+                               out2.view(np.uint8) if out.flags.c_contiguous else out2.astype(np.float32))) and \
+        bool(cp.array_equal(lse, lse2))
+    floor = 1e-6 if dtype_name == "float32" else 1e-4
+    ok = (not nan) and err <= 2 * err_naive + floor and lerr <= 1e-3 and lse_inf_ok and same
+    return ok, err, err_naive, lerr, nan, same
+
+
+CASES = [
+    # B, Sq, Sk, Hq, Hkv, D, Dv, causal, align, layout
+    (2, 1, 1, 2, 2, 64, 64, False, "bottom_right", "bshd"),
+    (2, 1, 1, 2, 2, 64, 64, True, "bottom_right", "bshd"),
+    (1, 17, 17, 3, 3, 40, 40, True, "bottom_right", "bshd"),
+    (1, 113, 113, 4, 2, 59, 59, False, "bottom_right", "bshd"),
+    (1, 113, 200, 4, 2, 59, 59, True, "top_left", "bshd"),
+    (2, 1023, 1025, 4, 1, 111, 111, True, "bottom_right", "bshd"),
+    (1, 1025, 1023, 2, 2, 200, 200, True, "bottom_right", "bhsd"),
+    (1, 1025, 1023, 2, 2, 200, 200, False, "bottom_right", "bshd"),
+    (1, 257, 300, 2, 2, 256, 256, False, "bottom_right", "bshd"),
+    (1, 300, 257, 2, 2, 256, 256, True, "top_left", "bshd"),
+    (2, 200, 64, 2, 1, 64, 64, True, "bottom_right", "bshd"),  # rows 0..135 fully masked
+    (2, 70, 0, 2, 1, 64, 64, False, "bottom_right", "bshd"),   # Sk = 0: every row fully masked
+    (1, 129, 130, 4, 4, 64, 128, True, "bottom_right", "bshd"),
+    (1, 129, 130, 4, 4, 128, 32, False, "bottom_right", "bshd"),
+    (1, 77, 95, 2, 2, 1, 3, True, "bottom_right", "bshd"),
+    (1, 500, 500, 2, 2, 96, 96, True, "bottom_right", "strided"),
+    (1, 300, 301, 3, 1, 160, 160, False, "bottom_right", "bhsd"),
+    (1, 300, 301, 2, 2, 224, 192, True, "bottom_right", "bshd"),
+    (2, 2048, 2048, 4, 4, 128, 128, True, "bottom_right", "bshd"),
+    (2, 2048, 2048, 4, 4, 64, 64, False, "bottom_right", "bshd"),
+    (1, 32, 32, 66000, 66000, 32, 32, True, "bottom_right", "bshd"),  # B*H > 65535
+]
+
+
+def check(dtypes):
+    failures = 0
+    for dt in dtypes:
+        for (B, Sq, Sk, Hq, Hkv, D, Dv, causal, align, layout) in CASES:
+            if dt == "float32" and Hq > 1000:
+                continue
+            t0 = time.perf_counter()
+            ok, err, errn, lerr, nan, same = run_case(B, Sq, Sk, Hq, Hkv, D, Dv, dt, causal, align, layout)
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {dt:8} B{B} Sq{Sq} Sk{Sk} H{Hq}/{Hkv} D{D}/{Dv} "
+                  f"{'causal-' + align[:3] if causal else 'full':10} {layout:7} err {err:.2e} naive {errn:.2e} "
+                  f"lse {lerr:.1e} nan={nan} det={same} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return failures
+
+
+def time_ms(fn, iters=20):
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    fn()
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return float(np.median(times))
+
+
+def bench(variants, dtypes=("bfloat16",), dims=(64, 128), ns=(2048, 8192)):
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        torch = None
+    rows = []
+    for dt in dtypes:
+        for d in dims:
+            h = 2048 // d
+            for n in ns:
+                b = max(1, 16384 // n)
+                for causal in (False, True):
+                    dtype = DTYPES[dt]
+                    p = problem_of(b, n, n, h, h, d, d, dtype, causal)
+                    q, k, v = (randn((b, n, h, d), dtype) for _ in range(3))
+                    out = cp.empty((b, n, h, d), dtype)
+                    lse = cp.empty((b, h, n), np.float32)
+                    flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                    kind = "float32" if dt == "float32" else "16bit"
+                    chosen, bucket, fam = forward.choose_config(p)
+                    configs = [chosen] + (variants.get((kind, bucket), []) if variants else [])
+                    row = {"dtype": dt, "d": d, "n": n, "causal": causal}
+                    for cfg in configs:
+                        key = f"cuflash {cfg.block_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}b{cfg.min_blocks}"
+                        try:
+                            ms = time_ms(lambda: forward._launch(q, k, v, out, lse, p, cfg))
+                            row[key] = flops / ms / 1e9
+                        except Exception as exc:
+                            row[key] = f"err {str(exc)[:60]}"
+                    if torch is not None:
+                        tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dt]
+                        tq, tk, tv = (torch.randn(b, h, n, d, device="cuda", dtype=tdt) for _ in range(3))
+                        backends = {"float32": [("efficient", SDPBackend.EFFICIENT_ATTENTION)]}.get(
+                            dt, [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)])
+                        for name, be in backends:
+                            try:
+                                with sdpa_kernel([be]):
+                                    f = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                                    f()
+                                    ts = []
+                                    for _ in range(20):
+                                        e0 = torch.cuda.Event(enable_timing=True)
+                                        e1 = torch.cuda.Event(enable_timing=True)
+                                        e0.record()
+                                        f()
+                                        e1.record()
+                                        e1.synchronize()
+                                        ts.append(e0.elapsed_time(e1))
+                                row[f"sdpa-{name}"] = flops / float(np.median(ts)) / 1e9
+                            except Exception as exc:
+                                row[f"sdpa-{name}"] = f"err {str(exc)[:40]}"
+                        del tq, tk, tv
+                    rows.append(row)
+                    print(row, flush=True)
+                    del q, k, v, out, lse
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--dtypes", default="float16,bfloat16,float32")
+    ap.add_argument("--dims", default="64,128", help="head dims timed at N = 2k and 8k")
+    ap.add_argument("--long-dims", default="256", help="head dims timed at N = 8k only")
+    args = ap.parse_args()
+    print(runtime.gpu_available()[1], flush=True)
+    failures = 0 if args.no_check else check(args.dtypes.split(","))
+    rows = []
+    if not args.no_time:
+        variants = VARIANTS if args.variants else None
+        dims = [int(x) for x in args.dims.split(",") if x]
+        long_dims = [int(x) for x in args.long_dims.split(",") if x]
+        rows = bench(variants, dims=dims) if dims else []
+        rows += bench(variants, dims=long_dims, ns=(8192,)) if long_dims else []
+        rows += bench(VARIANTS if args.variants else None, dtypes=("float32",), dims=(128,), ns=(8192,))
+    print(f"\ncorrectness failures: {failures}")
+    for r in rows:
+        cells = " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                         if k not in ("dtype", "d", "n", "causal"))
+        print(f"{r['dtype'][:4]} d{r['d']} n{r['n']} {'C' if r['causal'] else 'F'}: {cells}")
+
+
+if __name__ == "__main__":
+    main()
