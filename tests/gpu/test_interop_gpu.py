@@ -126,6 +126,18 @@ def test_autograd_on_cuda_matches_torch_float64_math_attention(dtype):
                      magnitude=sizes[name])
 
 
+def test_backward_of_a_sum_takes_a_broadcast_gradient_on_cuda():
+    # out.sum() hands the backward a stride-0 expanded tensor of ones.
+    torch = _torch()
+    import cuflash.torch
+
+    q, k, v, _ = _tensors(torch, 51, "float16", requires_grad=True)
+    cuflash.torch.attention(q, k, v, **OPTIONS).sum().backward()
+    host = [torch_host(x) for x in (q, k, v)]
+    ones = numpy.ones((2, 100, 4, 64), numpy.float16)
+    _check(host + [ones], torch_host(cuflash.attention(q, k, v, **OPTIONS)), [torch_host(x.grad) for x in (q, k, v)])
+
+
 def test_deterministic_backward_through_the_adapter_is_bitwise_repeatable():
     torch = _torch()
     import cuflash.torch
