@@ -39,7 +39,8 @@ VARIANTS = {
     ("16bit", 128): [C(128, 64, 4, 2), C(128, 32, 4, 2), C(128, 64, 8, 2), C(128, 64, 8, 2, 2), C(128, 128, 8, 2),
                      C(64, 64, 4, 2)],
     ("16bit", 256): [C(128, 64, 8, 2), C(64, 16, 4, 2), C(64, 32, 4, 3), C(128, 32, 8, 2)],
-    ("float32", 128): [C(128, 16, 8, 2, 2), C(64, 32, 4, 2, 3), C(128, 32, 8, 2)],
+    ("float32", 128): [C(128, 64, 8, 2, max_regs=168), C(128, 16, 8, 2, max_regs=168), C(64, 32, 4, 2, max_regs=168),
+                       C(128, 32, 8, 2, max_regs=176), C(64, 64, 4, 2, max_regs=168)],
 }
 
 
@@ -198,7 +199,7 @@ def bench(variants, dtypes=("bfloat16",), dims=(64, 128), ns=(2048, 8192)):
                     configs = [chosen] + (variants.get((kind, bucket), []) if variants else [])
                     row = {"dtype": dt, "d": d, "n": n, "causal": causal}
                     for cfg in configs:
-                        key = f"cuflash {cfg.block_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}b{cfg.min_blocks}"
+                        key = f"cuflash {cfg.block_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}b{cfg.min_blocks}r{cfg.max_regs}"
                         try:
                             ms = time_ms(lambda: forward._launch(q, k, v, out, lse, p, cfg))
                             row[key] = flops / ms / 1e9

@@ -279,21 +279,35 @@ struct SoftmaxState {
             }
     }
 
-    // Turns the scaled, masked scores s into P = exp2(s - m_i) in place, first moving m_i (and
-    // rescaling O_i and l_i) if the warp needs it. A row that has seen only masked keys keeps
-    // m = -inf and subtracts 0 instead, since -inf - (-inf) would be NaN: its P and alpha are then
-    // exp2(-inf) = 0, so O_i and l_i stay 0.
-    __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc_o)[kMTiles][kDTiles][4]) {
+    // Turns the scores into P = exp2(c * s - m_i) in place (c = scale * log2 e), first moving m_i
+    // (and rescaling O_i and l_i) if the warp needs it. SCALED: s already holds c * S with masked
+    // entries at -inf (tiles that need a mask); otherwise s is the raw S of an unmasked tile, the
+    // row max is c * max S (c * min S for c < 0) and the scaling rides in the exp2's FFMA.
+    // A row that has seen only masked keys keeps m = -inf and subtracts 0 instead, since
+    // -inf - (-inf) would be NaN: its P and alpha are then exp2(-inf) = 0, so O_i and l_i stay 0.
+    template <bool SCALED>
+    __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc_o)[kMTiles][kDTiles][4],
+                                           float c) {
         float mx[kMTiles][2];
         bool grow = false;
+        const bool negate = !SCALED && c < 0.f;  // warp-uniform
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                float x = neg_inf();
+                float x;
+                if (negate) {
+                    x = __int_as_float(0x7f800000);
 #pragma unroll
-                for (int nt = 0; nt < kNTiles; ++nt) x = fmaxf(x, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-                mx[mt][h] = quad_max(x);
+                    for (int nt = 0; nt < kNTiles; ++nt) x = fminf(x, fminf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+                    x = -quad_max(-x);
+                } else {
+                    x = neg_inf();
+#pragma unroll
+                    for (int nt = 0; nt < kNTiles; ++nt) x = fmaxf(x, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+                    x = quad_max(x);
+                }
+                mx[mt][h] = SCALED ? x : c * x;
                 grow |= mx[mt][h] > m[mt][h] + kRescaleSlack;
             }
         if (__any_sync(0xffffffffu, grow)) {
@@ -322,7 +336,7 @@ struct SoftmaxState {
                 for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
                     for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                        s[mt][nt][e] = exp2_approx(s[mt][nt][e] - m_use);
+                        s[mt][nt][e] = exp2_approx(SCALED ? s[mt][nt][e] - m_use : fmaf(s[mt][nt][e], c, -m_use));
                         sum += s[mt][nt][e];
                     }
                 l[mt][h] += sum;
@@ -365,14 +379,15 @@ __device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage,
             for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
     qk_product(s, c.sQ_warp, c.sKV + stage * kKVTileBytes, c.lane);
 
-    // Scale into the log2 domain, and mask keys past each row's last visible one.
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][nt][e] *= c.scale_log2;
+    // Tiles with a mask: scale into the log2 domain and set keys past each row's last visible one
+    // to -inf. Unmasked tiles leave the scaling to the softmax's exp2.
     if constexpr (MASKED) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] *= c.scale_log2;
         const int col0 = (c.n_blocks - 1 - it) * kBlockN + 2 * (c.lane & 3);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
@@ -387,7 +402,7 @@ __device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage,
             }
     }
 
-    state.update(s, acc_o);
+    state.update<MASKED>(s, acc_o, c.scale_log2);
     pv_product(acc_o, s, c.sKV + (kStages + stage) * kKVTileBytes, c.lane);
     stage = stage + 1 == kStages ? 0 : stage + 1;
 }

@@ -81,7 +81,7 @@ CONFIGS = {
         32: Config(128, 64, 8, 2),
         64: Config(128, 32, 8, 2),
         96: Config(128, 32, 8, 2),
-        128: Config(128, 32, 8, 2, min_blocks=2),
+        128: Config(128, 32, 8, 2, max_regs=168),
         160: Config(128, 32, 8, 2),
         192: Config(128, 32, 8, 2),
         256: Config(64, 16, 4, 2, max_regs=200),

@@ -82,6 +82,18 @@ def test_awkward_sizes(Sq, Sk, D, dtype, causal, poisoned):
     check_against_reference(q, k, v, out, lse, causal=causal)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 2.5])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_negative_zero_and_large_scales(scale, dtype, poisoned):
+    """Unmasked tiles fold the scale into exp2 and take the row max as scale * max S, which for a
+    negative scale is scale * min S; masked tiles scale first. Both must agree with the reference."""
+    rng = numpy.random.default_rng(12)
+    q, k, v, _ = make_inputs(rng, 1, 300, 333, 2, 1, 64, 64, dtype)
+    for causal in (False, True):
+        out, lse = run_gpu(q, k, v, causal=causal, scale=scale)
+        check_against_reference(q, k, v, out, lse, causal=causal, scale=scale)
+
+
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_gpu_agrees_with_numpy_backend(dtype):
     rng = numpy.random.default_rng(11)
@@ -125,12 +137,13 @@ def test_results_are_bitwise_identical_over_20_runs():
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-def test_strided_layouts_match_contiguous_bitwise(dtype):
-    """BHSD storage, a stride-2 head dim and an odd D (rows not 16-byte aligned) use the element-wise
-    loading path or the vector one; either way the arithmetic, and so every bit, is the same."""
+def test_strided_layouts(dtype):
+    """BHSD storage, a stride-2 head dim and an odd D (rows not 16-byte aligned) all take the
+    element-wise loading path, with the same tiles and so the same bits; rows padded to 16 bytes
+    take the vector path (possibly other tiles) and obey the accuracy rule."""
     rng = numpy.random.default_rng(4)
-    q, k, v, _ = make_inputs(rng, 2, 77, 90, 4, 2, 59, 59, dtype)
-    q, k, v = (cupy.asarray(x) for x in (q, k, v))
+    host = make_inputs(rng, 2, 77, 90, 4, 2, 59, 59, dtype)[:3]
+    q, k, v = (cupy.asarray(x) for x in host)
     ref_out, ref_lse = cuflash.attention(q, k, v, causal=True, return_lse=True, backend="cuda")
 
     def stride2(x):
@@ -141,15 +154,17 @@ def test_strided_layouts_match_contiguous_bitwise(dtype):
     def bhsd(x):
         return cupy.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
 
-    def padded(x):  # D = 59 inside rows of 64: 16-byte aligned rows, vector path
+    def padded(x):
         wide = cupy.zeros(x.shape[:-1] + (64,), x.dtype)
         wide[..., :59] = x
         return wide[..., :59]
 
-    for layout in (stride2, bhsd, padded):
+    for layout in (stride2, bhsd):
         out, lse = cuflash.attention(*(layout(x) for x in (q, k, v)), causal=True, return_lse=True, backend="cuda")
         assert cupy.array_equal(out.astype(numpy.float32), ref_out.astype(numpy.float32)), layout.__name__
         assert cupy.array_equal(lse, ref_lse), layout.__name__
+    out, lse = cuflash.attention(*(padded(x) for x in (q, k, v)), causal=True, return_lse=True, backend="cuda")
+    check_against_reference(*host, out.get(), lse.get(), causal=True)
 
 
 def test_strided_output_is_fully_written():
