@@ -2,6 +2,7 @@
 
     python bench/bench_attention.py [--quick] [--out DIR] [--dtypes bfloat16,float16,float32]
                                     [--dims 64,128,256] [--ns 512,...,16384] [--modes fwd,bwd,fwdbwd]
+    python bench/bench_attention.py --plot bench/results/forward_h200.json
 
 Shapes follow the FlashAttention papers: B * N = 16k tokens, H * D = 2048, N = 512 .. 16k.
 FLOPs: forward 4 * B * H * N^2 * D, halved when causal; backward 2.5x, forward+backward 3.5x.
@@ -256,19 +257,26 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    groups = sorted({(r["dtype"], r["d"], r["causal"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
-    for ax, (dt, d, causal) in zip(axes[0], groups):
-        sel = sorted((r for r in rows if (r["dtype"], r["d"], r["causal"]) == (dt, d, causal)), key=lambda r: r["n"])
-        for key in ("cuflash_fwd", "flash_fwd", "cudnn_fwd", "efficient_fwd", "naive_fwd", "cuflash_bwd"):
-            pts = [(r["n"], r[key]) for r in sel if r.get(key)]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=key.replace("_fwd", "").replace("_bwd", " bwd"))
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{dt} d={d} {'causal' if causal else 'full'}", fontsize=9)
-        ax.set_xlabel("N")
-        ax.set_ylabel("TF/s")
-        ax.legend(fontsize=7)
+    dtypes = sorted({r["dtype"] for r in rows})
+    columns = sorted({(r["d"], r["causal"]) for r in rows})
+    fig, axes = plt.subplots(len(dtypes), len(columns), figsize=(3.2 * len(columns), 2.8 * len(dtypes)),
+                             squeeze=False)
+    for i, dt in enumerate(dtypes):
+        for j, (d, causal) in enumerate(columns):
+            ax = axes[i][j]
+            sel = sorted((r for r in rows if (r["dtype"], r["d"], r["causal"]) == (dt, d, causal)),
+                         key=lambda r: r["n"])
+            for key in ("cuflash_fwd", "flash_fwd", "cudnn_fwd", "efficient_fwd", "naive_fwd", "cuflash_bwd"):
+                pts = [(r["n"], r[key]) for r in sel if r.get(key)]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", markersize=3, label=key.replace("_fwd", "").replace("_bwd", " bwd"))
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{dt} d={d} {'causal' if causal else 'full'}", fontsize=9)
+            ax.set_xlabel("N", fontsize=8)
+            ax.set_ylabel("TF/s", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if sel:
+                ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -288,7 +296,13 @@ def main():
     ap.add_argument("--modes", default="fwd,bwd,fwdbwd")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-extras", action="store_true", help="skip the memory and latency measurements")
+    ap.add_argument("--plot", metavar="JSON", help="only redraw the PNG of a results file, beside it")
     args = ap.parse_args()
+    if args.plot:
+        path = Path(args.plot)
+        ok = plot(json.loads(path.read_text())["rows"], path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}" if ok else "matplotlib is not importable")
+        return
     if args.quick:
         args.dtypes, args.dims, args.ns, args.modes = "bfloat16,float32", "64,128", "2048,8192", "fwd"
     out_dir = Path(args.out)

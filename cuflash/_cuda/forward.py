@@ -26,6 +26,7 @@ HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 _DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3}
 _LOG2E = 1.4426950408889634
 _MAX_GRID_X = 2**31 - 1
+_MAX_SEQLEN = 2**31 - 1024
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ CONFIGS = {
         32: Config(128, 64, 8, 2),
         64: Config(128, 32, 8, 2),
         96: Config(128, 32, 8, 2),
-        128: Config(128, 32, 8, 2, max_regs=168),
+        128: Config(128, 32, 8, 2, max_regs=160),
         160: Config(128, 32, 8, 2),
         192: Config(128, 32, 8, 2),
         256: Config(64, 16, 4, 2, max_regs=200),
@@ -213,6 +214,9 @@ def _launch(q, k, v, out, lse, problem, config):
         vec_load = _vector_ok(q) and _vector_ok(k) and _vector_ok(v)
         config = config or (chosen if vec_load else chosen.element_wise())
         kernel = runtime.get_kernel(SOURCE, KERNEL, defines(config, bucket, name, vec_load))
+        # Sequence indices are 32-bit inside the kernel (offsets are 64-bit).
+        if max(Sq, Sk) > _MAX_SEQLEN:
+            raise ValueError(f"seqlen_q {Sq} / seqlen_k {Sk}: the CUDA forward takes sequences up to {_MAX_SEQLEN}")
         num_m = math.ceil(Sq / config.block_m)
         grid_x = B * Hq * num_m
         if grid_x > _MAX_GRID_X:
