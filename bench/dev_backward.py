@@ -1,0 +1,209 @@
+"""Backward-kernel development run: compile every instantiation in parallel, check a few shapes
+against torch's float32 autograd, then time tile variants beside torch SDPA's flash backward.
+
+    python bench/dev_backward.py [--no-time] [--variants] [--dims 64,128] [--ns 2048,8192]
+
+Inputs follow the forward benchmark's shapes (B·N = 16k tokens, H·D = 2048). out and lse come
+from torch's flash forward, so the timings cover the backward alone (preprocess, main kernels,
+conversions). FLOPs: 2.5 × 4·B·H·N²·D, halved when causal. Prints a short table last.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cuflash._cuda import backward, runtime  # noqa: E402
+from cuflash._problem import Problem  # noqa: E402
+
+C, E = backward.Config, backward.Entry
+# (dtype kind, bucket) -> alternative entries to time beside the table's choice.
+VARIANTS = {
+    ("16bit", 64): [E(C(128, 128, 8, kk_unroll=2), C(128, 64, 8)), E(C(128, 64, 8, kk_unroll=1), C(128, 64, 8))],
+    ("16bit", 128): [E(C(128, 64, 8, kk_unroll=2), C(128, 64, 8)), E(C(128, 32, 8, kk_unroll=1), C(128, 64, 8))],
+    ("float32", 128): [E(C(64, 32, 8, 2), C(64, 32, 8, 2))],
+}
+
+
+def prewarm(family):
+    """Compile every instantiation of this family's tables on all cores (NVRTC releases the GIL)."""
+    jobs = []
+    for (fam, kind), table in backward.CONFIGS.items():
+        if fam != family:
+            continue
+        names = ("float16", "bfloat16") if kind == "16bit" else ("float32",)
+        for bucket, entry in table.items():
+            for name in names:
+                jobs.append((backward.SOURCE, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 1)))
+                jobs.append((backward.SOURCE, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 0)))
+                jobs.append((backward.SOURCE, backward.KERNEL_DQ, backward.main_defines(entry.dq, bucket, name, 1, 0)))
+    for name in ("float16", "bfloat16", "float32"):
+        jobs.append((backward.AUX_SOURCE, backward.KERNEL_PREPROCESS, backward.aux_defines(name)))
+        jobs.append((backward.AUX_SOURCE, backward.KERNEL_CONVERT, backward.aux_defines(name)))
+    for (kind, bucket), entries in VARIANTS.items():
+        for entry in entries:
+            for name in (("bfloat16", "float16") if kind == "16bit" else ("float32",)):
+                jobs.append((backward.SOURCE, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 1)))
+    t0 = time.time()
+    failures = []
+
+    def one(job):
+        try:
+            runtime.get_kernel(*job)
+        except Exception as exc:
+            failures.append(f"{job[1]} {job[2]}: {str(exc)[:800]}")
+
+    with ThreadPoolExecutor(os.cpu_count() or 4) as pool:
+        list(pool.map(one, jobs))
+    print(f"compiled {len(jobs)} instantiations in {time.time() - t0:.1f} s, {len(failures)} failures", flush=True)
+    for f in failures:
+        print(f)
+    return not failures
+
+
+def torch_inputs(torch, B, N, H, D, dtype, causal, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    if dtype == torch.float32:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
+        lse = lse[..., :N]  # padded to a multiple of 32 rows
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)[:2]
+    return q, k, v, do, out, lse
+
+
+def problem_for(B, N, H, D, dtype_name, causal):
+    return Problem(batch=B, seqlen_q=N, seqlen_k=N, heads_q=H, heads_kv=H, head_dim=D, head_dim_v=D,
+                   dtype=np.dtype(dtype_name if dtype_name != "bfloat16" else "bfloat16"), causal=causal,
+                   causal_offset=0, scale=1.0 / math.sqrt(D))
+
+
+def time_ms(fn, warmup=2, iters=7):
+    for _ in range(warmup):
+        fn()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def profile():
+    import torch
+
+    B, N, H, D = 2, 8192, 16, 128
+    q, k, v, do, out, lse = torch_inputs(torch, B, N, H, D, torch.bfloat16, False)
+    prob = problem_for(B, N, H, D, "bfloat16", False)
+    bshd = [cp.from_dlpack(x.transpose(1, 2).detach()) for x in (do, q, k, v, out)]
+    dq, dk, dv = (cp.empty(x.shape, dtype=x.dtype) for x in bshd[1:4])
+    for deterministic in (False, True):
+        backward._launch(*bshd, cp.from_dlpack(lse), dq, dk, dv, prob, deterministic, None)
+    cp.cuda.Device().synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--ns", default="2048,8192")
+    ap.add_argument("--dtypes", default="bfloat16")
+    ap.add_argument("--profile", action="store_true", help="three backward calls (bf16, d=128, N=8k) for ncu")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args()
+    if args.profile:
+        profile()
+        return
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    major, minor = runtime.compute_capability()
+    print(cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), f"sm_{major}{minor}", flush=True)
+    prewarm(backward.family(major, minor))
+    if args.no_time:
+        return
+    table = []
+    for dtype_name in args.dtypes.split(","):
+        tdtype = getattr(torch, dtype_name)
+        for D in map(int, args.dims.split(",")):
+            for N in map(int, args.ns.split(",")):
+                for causal in (False, True):
+                    B, H = max(1, 16384 // N), 2048 // D
+                    q, k, v, do, out, lse = torch_inputs(torch, B, N, H, D, tdtype, causal)
+                    prob = problem_for(B, N, H, D, dtype_name, causal)
+                    bshd = [cp.from_dlpack(x.transpose(1, 2).detach()) for x in (do, q, k, v, out)]
+                    c_lse = cp.from_dlpack(lse)
+                    dq, dk, dv = (cp.empty(x.shape, dtype=x.dtype) for x in bshd[1:4])
+                    flops = 2.5 * 4 * B * H * N * N * D / (2 if causal else 1)
+                    bucket = backward.head_dim_bucket(D, D)
+                    entries = [("table", None)]
+                    if args.variants:
+                        entries += [(f"v{i}", e)
+                                    for i, e in enumerate(VARIANTS.get((backward._kind(dtype_name), bucket), []))]
+                    row = {"case": f"{dtype_name} d={D} N={N} {'causal' if causal else 'full'}"}
+                    # Accuracy vs torch float32 autograd on the same inputs (one call).
+                    backward._launch(*bshd, c_lse, dq, dk, dv, prob, False, None)
+                    qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
+                    of = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal)
+                    gref = torch.autograd.grad(of, (qf, kf, vf), do.float())
+                    errs = []
+                    for mine, ref in zip((dq, dk, dv), gref):
+                        r = cp.from_dlpack(ref.transpose(1, 2).contiguous())
+                        errs.append(float(cp.max(cp.abs(mine.astype(cp.float32) - r))))
+                    del qf, kf, vf, of, gref
+                    row["err"] = max(errs)
+                    for label, entry in entries:
+                        ms = time_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, False, entry))
+                        row[label] = flops / ms / 1e9
+                    ms = time_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, True, None))
+                    row["determ"] = flops / ms / 1e9
+                    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+                    backend = SDPBackend.FLASH_ATTENTION if dtype_name != "float32" else SDPBackend.EFFICIENT_ATTENTION
+                    with sdpa_kernel([backend]):
+                        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+                    ms = time_ms(lambda: torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True))
+                    row["sdpa"] = flops / ms / 1e9
+                    sref = torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True)
+                    qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
+                    of = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal)
+                    gref = torch.autograd.grad(of, (qf, kf, vf), do.float())
+                    row["sdpa_err"] = max(float((a.float() - b).abs().max()) for a, b in zip(sref, gref))
+                    del q, k, v, do, out, lse, bshd, dq, dk, dv, o, qs, ks, vs, qf, kf, vf, of, gref, sref
+                    torch.cuda.empty_cache()
+                    cp.get_default_memory_pool().free_all_blocks()
+                    print(row, flush=True)
+                    table.append(row)
+    if args.json:
+        import json
+
+        meta = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+                "units": "TF/s, FLOPs 2.5 x 4 B H N^2 D (halved when causal); err: max abs vs float32 torch"}
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
+    if args.variants:
+        for (kind, bucket), entries in VARIANTS.items():
+            for i, e in enumerate(entries):
+                print(f"v{i} at d={bucket}: dK/dV {e.dkdv}")
+    keys = [k for k in table[0] if k not in ("case",)] if table else []
+    print("\nTF/s (backward only; err = max |d - fp32 torch| over dq, dk, dv)")
+    print(f"{'case':34s}" + "".join(f"{k:>14s}" for k in keys))
+    for row in table:
+        print(f"{row['case']:34s}" + "".join(
+            f"{row.get(k, float('nan')):14.3g}" if k.endswith("err") else f"{row.get(k, float('nan')):14.1f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
