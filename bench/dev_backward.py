@@ -27,7 +27,8 @@ from cuflash._problem import Problem  # noqa: E402
 C, E = backward.Config, backward.Entry
 # (dtype kind, bucket) -> alternative entries to time beside the table's choice.
 VARIANTS = {
-    ("16bit", 64): [E(C(128, 128, 8, kk_unroll=2), C(128, 64, 8)), E(C(128, 64, 8, kk_unroll=1), C(128, 64, 8))],
+    ("16bit", 64): [E(C(128, 32, 8, kk_unroll=1, min_blocks=2), C(128, 64, 8)),
+                    E(C(64, 64, 4, kk_unroll=1, min_blocks=2), C(128, 64, 8))],
     ("16bit", 128): [E(C(128, 64, 8, kk_unroll=2), C(128, 64, 8)), E(C(128, 32, 8, kk_unroll=1), C(128, 64, 8))],
     ("float32", 128): [E(C(64, 32, 8, 2), C(64, 32, 8, 2))],
 }

@@ -78,8 +78,8 @@ _C = Config
 # except the atomic dK/dV variant of float32 at d = 256, which there falls back to the dQ kernel.
 CONFIGS = {
     ("sm90", "16bit"): {
-        32: Entry(_C(128, 128, 8, kk_unroll=2), _C(128, 64, 8)),
-        64: Entry(_C(128, 128, 8, kk_unroll=2), _C(128, 64, 8)),
+        32: Entry(_C(128, 32, 8, kk_unroll=2, min_blocks=2), _C(128, 64, 8)),
+        64: Entry(_C(128, 32, 8, kk_unroll=2, min_blocks=2), _C(128, 64, 8)),
         96: Entry(_C(128, 64, 8, kk_unroll=2), _C(128, 64, 8)),
         128: Entry(_C(128, 64, 8, kk_unroll=2), _C(128, 64, 8)),
         160: Entry(_C(64, 32, 8, 2, kk_unroll=2), _C(64, 64, 8, 2)),
