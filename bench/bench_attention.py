@@ -6,8 +6,9 @@
 
 Shapes follow the FlashAttention papers: B * N = 16k tokens, H * D = 2048, N = 512 .. 16k.
 FLOPs: forward 4 * B * H * N^2 * D, halved when causal; backward 2.5x, forward+backward 3.5x.
-Each row also carries the max error against float64 of cuflash and of the SDPA backend beside it,
-measured on 256 query rows of two heads (a float64 reference of the whole problem would not fit).
+Each row also carries the max error against float64 of cuflash and of the SDPA backend beside it:
+of out on 256 query rows of two heads, and of dq, dk, dv on the whole of one head (a float64
+reference of the whole problem would not fit).
 Times are medians of CUDA-event timings after a warm-up. torch is optional: without it only
 cuflash and naive CuPy run. Backward rows go through ``cuflash.attention_backward`` and are
 skipped with a note while it raises NotImplementedError.
@@ -101,6 +102,31 @@ def reference_rows(q, k, v, causal):
     return idx, cp.stack(out, axis=1)  # (rows, heads, D)
 
 
+def reference_grads(q, k, v, do, causal):
+    """float64 (dq, dk, dv) of batch 0, head 0, each (N, D): the whole N x N problem of one head."""
+    Q, K, V, dO = (x[0, :, 0].astype(cp.float64) for x in (q, k, v, do))
+    n, scale = q.shape[1], 1.0 / math.sqrt(q.shape[3])
+    S = (Q @ K.T) * scale
+    if causal:
+        S = cp.where(cp.arange(n)[None, :] <= cp.arange(n)[:, None], S, -cp.inf)
+    S -= S.max(axis=1, keepdims=True)
+    P = cp.exp(S)
+    P /= P.sum(axis=1, keepdims=True)
+    dV = P.T @ dO
+    dP = dO @ V.T
+    dS = P * (dP - (P * dP).sum(axis=1, keepdims=True))
+    del S, dP
+    grads = (scale * (dS @ K), scale * (dS.T @ Q), dV)
+    del P, dS
+    cp.get_default_memory_pool().free_all_blocks()
+    return grads
+
+
+def grad_errors(grads, ref):
+    """max |g - float64| of dq, dk, dv on batch 0, head 0 (grads as CuPy arrays, BSHD)."""
+    return [float(cp.abs(g[0, :, 0].astype(cp.float64) - r).max()) for g, r in zip(grads, ref)]
+
+
 def row_error(out, idx, ref):
     heads = ref.shape[1]
     return float(cp.abs(out[0, idx, :heads].astype(cp.float64) - ref).max())
@@ -176,10 +202,11 @@ def bench_row(dtype_name, d, n, causal, modes, with_naive):
             cp.get_default_memory_pool().free_all_blocks()
 
     if "bwd" in modes or "fwdbwd" in modes:
+        ref_grads = reference_grads(q, k, v, do, causal)
         try:
             out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
             bwd = lambda: cuflash.attention_backward(do, q, k, v, out, lse, causal=causal)
-            bwd()
+            row["cuflash_dq_err"], row["cuflash_dk_err"], row["cuflash_dv_err"] = grad_errors(bwd(), ref_grads)
             if "bwd" in modes:
                 row["cuflash_bwd"] = flops(b, h, n, d, causal, "bwd") / median_ms(bwd) / 1e9
             if "fwdbwd" in modes:
@@ -189,6 +216,7 @@ def bench_row(dtype_name, d, n, causal, modes, with_naive):
                 row["cuflash_fwdbwd"] = flops(b, h, n, d, causal, "fwdbwd") / median_ms(both) / 1e9
         except NotImplementedError as exc:
             row["cuflash_bwd_note"] = f"backward not available: {str(exc)[:60]}"
+        del ref_grads
         for name in sdpa_names:
             try:
                 gq, gk, gv = (x.detach().clone().requires_grad_(True) for x in (tq, tk, tv))
@@ -197,6 +225,9 @@ def bench_row(dtype_name, d, n, causal, modes, with_naive):
                     o = F.scaled_dot_product_attention(gq, gk, gv, is_causal=causal)
                     g = lambda: torch.autograd.grad(o, (gq, gk, gv), tdo, retain_graph=True)
                     row[f"{name}_bwd"] = flops(b, h, n, d, causal, "bwd") / median_ms(g) / 1e9
+                    sdpa_grads = [cupy_view(x.transpose(1, 2)) for x in g()]
+                    errs = grad_errors(sdpa_grads, ref_grads)
+                    row[f"{name}_dq_err"], row[f"{name}_dk_err"], row[f"{name}_dv_err"] = errs
                 del gq, gk, gv, o
             except Exception as exc:
                 row[f"{name}_bwd"] = None
@@ -207,23 +238,45 @@ def bench_row(dtype_name, d, n, causal, modes, with_naive):
 
 
 def peak_memory(ns, d=128, dtype_name="bfloat16"):
-    """Peak bytes the memory pool holds for one cuflash call beyond its inputs (out + lse expected)."""
+    """Device memory of one causal call against N (B = 1, H = 2048 / d), from CuPy's pool.
+
+    The pool keeps every block it has allocated, so its size after the calls bounds the peak of
+    live bytes from above. ``fwd_extra_bytes``: the forward beyond its inputs (out + lse expected).
+    ``fwdbwd_total_bytes``: everything held for forward + backward, inputs (q, k, v, dout)
+    included, comparable with ``sdpa_flash_peak_bytes``, torch's peak for SDPA flash forward +
+    backward of the same problem (q, k, v requiring grad, ``out.sum().backward()``).
+    """
     rows = []
     dtype = NP_DTYPES[dtype_name]
     pool = cp.get_default_memory_pool()
+    h = HIDDEN // d
     for n in ns:
-        h = HIDDEN // d
-        q, k, v = (cp.ones((1, n, h, d), dtype) for _ in range(3))
+        rng = cp.random.default_rng(n)
+        q, k, v, do = (rng.standard_normal((1, n, h, d), dtype=np.float32).astype(dtype) for _ in range(4))
         cp.cuda.Device().synchronize()
         pool.free_all_blocks()
-        before = pool.total_bytes()
-        out = cuflash.attention(q, k, v, causal=True)
+        inputs = pool.total_bytes()
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
         cp.cuda.Device().synchronize()
-        extra = pool.total_bytes() - before
-        rows.append(dict(n=n, h=h, d=d, extra_bytes=int(extra), out_bytes=int(out.nbytes),
-                         lse_bytes=int(h * n * 4)))
-        del q, k, v, out
+        row = dict(n=n, h=h, d=d, fwd_extra_bytes=int(pool.total_bytes() - inputs),
+                   out_lse_bytes=int(out.nbytes + lse.nbytes))
+        grads = cuflash.attention_backward(do, q, k, v, out, lse, causal=True)
+        cp.cuda.Device().synchronize()
+        row["fwdbwd_total_bytes"] = int(pool.total_bytes())
+        del q, k, v, do, out, lse, grads
         pool.free_all_blocks()
+        if torch is not None:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            tdt = torch.bfloat16 if dtype_name == "bfloat16" else getattr(torch, dtype_name)
+            tq, tk, tv = (torch.randn(1, h, n, d, device="cuda", dtype=tdt, requires_grad=True) for _ in range(3))
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                F.scaled_dot_product_attention(tq, tk, tv, is_causal=True).sum().backward()
+            torch.cuda.synchronize()
+            row["sdpa_flash_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+            del tq, tk, tv
+            torch.cuda.empty_cache()
+        rows.append(row)
     return rows
 
 
@@ -296,6 +349,7 @@ def main():
     ap.add_argument("--modes", default="fwd,bwd,fwdbwd")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-extras", action="store_true", help="skip the memory and latency measurements")
+    ap.add_argument("--memory-ns", default="4096,16384,65536,131072", help="N of the memory rows (bf16, d=128, H=16)")
     ap.add_argument("--plot", metavar="JSON", help="only redraw the PNG of a results file, beside it")
     args = ap.parse_args()
     if args.plot:
@@ -326,7 +380,7 @@ def main():
                     print(json.dumps(row), flush=True)
     extras = {}
     if not args.no_extras:
-        extras["peak_memory"] = peak_memory([1024, 4096, 16384, 65536])
+        extras["peak_memory"] = peak_memory([int(n) for n in args.memory_ns.split(",")])
         extras["first_call_latency"] = first_call_latency()
     result = dict(meta=meta, rows=rows, **extras)
     (out_dir / "bench_attention.json").write_text(json.dumps(result, indent=1))
@@ -334,23 +388,36 @@ def main():
 
     print(f"\n{device}; TF/s (FLOPs 4BHN^2D, /2 causal; bwd x2.5); err = max |out - float64| on sampled rows")
     print(f"{'dtype':8} {'d':>3} {'N':>6} {'c':1} | {'cuflash':>7} {'flash':>6} {'cudnn':>6} {'effic':>6} "
-          f"{'naive':>6} | {'ratio':>5} | {'err cufl':>8} {'err sdpa':>8} | {'bwd':>5} {'f+b':>5}")
+          f"{'naive':>6} | {'ratio':>5} | {'err cufl':>8} {'err sdpa':>8} | {'bwd':>5} {'sdpa':>5} {'ratio':>5} "
+          f"{'f+b':>5} | {'dgrad err':>9} {'sdpa':>8}")
     for r in rows:
         base = r.get("flash_fwd") or r.get("efficient_fwd")
         ratio = r["cuflash_fwd"] / base if base and r.get("cuflash_fwd") else None
         sdpa_err = r.get("flash_err", r.get("efficient_err"))
+        sdpa = "efficient" if r["dtype"] == "float32" else "flash"
+        bwd_base = r.get(f"{sdpa}_bwd")
+        bwd_ratio = r["cuflash_bwd"] / bwd_base if bwd_base and r.get("cuflash_bwd") else None
+
+        def grad_err(name):
+            errs = [r.get(f"{name}_{g}_err") for g in ("dq", "dk", "dv")]
+            return max(errs) if all(e is not None for e in errs) else None
+
         print(f"{r['dtype']:8} {r['d']:3} {r['n']:6} {'C' if r['causal'] else 'F'} | "
               f"{fmt(r.get('cuflash_fwd'), '7.1f')} {fmt(r.get('flash_fwd'), '6.1f')} {fmt(r.get('cudnn_fwd'), '6.1f')} "
               f"{fmt(r.get('efficient_fwd'), '6.1f')} {fmt(r.get('naive_fwd'), '6.1f')} | {fmt(ratio, '5.2f')} | "
               f"{fmt(r.get('cuflash_err'), '8.1e')} {fmt(sdpa_err, '8.1e')} | "
-              f"{fmt(r.get('cuflash_bwd'), '5.0f')} {fmt(r.get('cuflash_fwdbwd'), '5.0f')}")
+              f"{fmt(r.get('cuflash_bwd'), '5.0f')} {fmt(bwd_base, '5.0f')} {fmt(bwd_ratio, '5.2f')} "
+              f"{fmt(r.get('cuflash_fwdbwd'), '5.0f')} | {fmt(grad_err('cuflash'), '9.1e')} {fmt(grad_err(sdpa), '8.1e')}")
     notes = {r.get("cuflash_bwd_note") for r in rows if r.get("cuflash_bwd_note")}
     for note in notes:
         print("note:", note)
     if extras:
-        print("peak extra device memory of one causal call (bytes; out + lse for comparison):")
+        print("device memory of one causal call, bf16 d=128 H=16 B=1 (GiB): forward beyond inputs (out + lse), "
+              "forward + backward in all, SDPA flash forward + backward peak")
         for m in extras["peak_memory"]:
-            print(f"  N={m['n']:6} extra={m['extra_bytes']:>11} out+lse={m['out_bytes'] + m['lse_bytes']:>11}")
+            sdpa = m.get("sdpa_flash_peak_bytes")
+            print(f"  N={m['n']:6} fwd extra={m['fwd_extra_bytes'] / 2**30:6.3f} (out+lse {m['out_lse_bytes'] / 2**30:6.3f})"
+                  f"  fwd+bwd={m['fwdbwd_total_bytes'] / 2**30:6.2f}  sdpa flash={fmt(sdpa and sdpa / 2**30, '6.2f')}")
         print("first-call latency (s):", extras["first_call_latency"])
     print(f"wrote {out_dir / 'bench_attention.json'}" + (f" and {out_dir / 'bench_attention.png'}" if plotted else ""))
 
