@@ -216,7 +216,6 @@ def bench_row(dtype_name, d, n, causal, modes, with_naive):
                 row["cuflash_fwdbwd"] = flops(b, h, n, d, causal, "fwdbwd") / median_ms(both) / 1e9
         except NotImplementedError as exc:
             row["cuflash_bwd_note"] = f"backward not available: {str(exc)[:60]}"
-        del ref_grads
         for name in sdpa_names:
             try:
                 gq, gk, gv = (x.detach().clone().requires_grad_(True) for x in (tq, tk, tv))
@@ -232,6 +231,7 @@ def bench_row(dtype_name, d, n, causal, modes, with_naive):
             except Exception as exc:
                 row[f"{name}_bwd"] = None
                 row[f"{name}_bwd_note"] = str(exc).splitlines()[0][:80]
+        del ref_grads
     del q, k, v, do, tq, tk, tv, tdo
     cp.get_default_memory_pool().free_all_blocks()
     return row
