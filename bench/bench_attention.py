@@ -227,6 +227,11 @@ def bench_row(dtype_name, d, n, causal, modes, with_naive):
                     sdpa_grads = [cupy_view(x.transpose(1, 2)) for x in g()]
                     errs = grad_errors(sdpa_grads, ref_grads)
                     row[f"{name}_dq_err"], row[f"{name}_dk_err"], row[f"{name}_dv_err"] = errs
+                    if "fwdbwd" in modes:
+                        def sdpa_both():
+                            o2 = F.scaled_dot_product_attention(gq, gk, gv, is_causal=causal)
+                            return torch.autograd.grad(o2, (gq, gk, gv), tdo)
+                        row[f"{name}_fwdbwd"] = flops(b, h, n, d, causal, "fwdbwd") / median_ms(sdpa_both) / 1e9
                 del gq, gk, gv, o
             except Exception as exc:
                 row[f"{name}_bwd"] = None
@@ -389,7 +394,7 @@ def main():
     print(f"\n{device}; TF/s (FLOPs 4BHN^2D, /2 causal; bwd x2.5); err = max |out - float64| on sampled rows")
     print(f"{'dtype':8} {'d':>3} {'N':>6} {'c':1} | {'cuflash':>7} {'flash':>6} {'cudnn':>6} {'effic':>6} "
           f"{'naive':>6} | {'ratio':>5} | {'err cufl':>8} {'err sdpa':>8} | {'bwd':>5} {'sdpa':>5} {'ratio':>5} "
-          f"{'f+b':>5} | {'dgrad err':>9} {'sdpa':>8}")
+          f"{'f+b':>5} {'sdpa':>5} | {'dgrad err':>9} {'sdpa':>8}")
     for r in rows:
         base = r.get("flash_fwd") or r.get("efficient_fwd")
         ratio = r["cuflash_fwd"] / base if base and r.get("cuflash_fwd") else None
@@ -407,7 +412,8 @@ def main():
               f"{fmt(r.get('efficient_fwd'), '6.1f')} {fmt(r.get('naive_fwd'), '6.1f')} | {fmt(ratio, '5.2f')} | "
               f"{fmt(r.get('cuflash_err'), '8.1e')} {fmt(sdpa_err, '8.1e')} | "
               f"{fmt(r.get('cuflash_bwd'), '5.0f')} {fmt(bwd_base, '5.0f')} {fmt(bwd_ratio, '5.2f')} "
-              f"{fmt(r.get('cuflash_fwdbwd'), '5.0f')} | {fmt(grad_err('cuflash'), '9.1e')} {fmt(grad_err(sdpa), '8.1e')}")
+              f"{fmt(r.get('cuflash_fwdbwd'), '5.0f')} {fmt(r.get(f'{sdpa}_fwdbwd'), '5.0f')} | "
+              f"{fmt(grad_err('cuflash'), '9.1e')} {fmt(grad_err(sdpa), '8.1e')}")
     notes = {r.get("cuflash_bwd_note") for r in rows if r.get("cuflash_bwd_note")}
     for note in notes:
         print("note:", note)
