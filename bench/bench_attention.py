@@ -307,6 +307,10 @@ def first_call_latency():
     return {"cold_s": runs[0], "warm_s": runs[1]}
 
 
+COLORS = {"cuflash": "tab:blue", "flash": "tab:orange", "cudnn": "tab:green", "efficient": "tab:purple",
+          "naive": "tab:red"}
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -324,10 +328,13 @@ def plot(rows, path):
             ax = axes[i][j]
             sel = sorted((r for r in rows if (r["dtype"], r["d"], r["causal"]) == (dt, d, causal)),
                          key=lambda r: r["n"])
-            for key in ("cuflash_fwd", "flash_fwd", "cudnn_fwd", "efficient_fwd", "naive_fwd", "cuflash_bwd"):
+            for key in ("cuflash_fwd", "flash_fwd", "cudnn_fwd", "efficient_fwd", "naive_fwd",
+                        "cuflash_bwd", "flash_bwd", "cudnn_bwd", "efficient_bwd"):
                 pts = [(r["n"], r[key]) for r in sel if r.get(key)]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", markersize=3, label=key.replace("_fwd", "").replace("_bwd", " bwd"))
+                    ax.plot(*zip(*pts), marker="o" if key.endswith("_fwd") else "s", markersize=3,
+                            linestyle="-" if key.endswith("_fwd") else "--", color=COLORS[key.split("_")[0]],
+                            label=key.replace("_fwd", "").replace("_bwd", " bwd"))
             ax.set_xscale("log", base=2)
             ax.set_title(f"{dt} d={d} {'causal' if causal else 'full'}", fontsize=9)
             ax.set_xlabel("N", fontsize=8)
