@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cuflash._cuda import forward, runtime
+from cuflash._cuda import backward, forward, runtime
 
 PTXAS_STRICT = ("-Xptxas=--warn-on-spills", "-Xptxas=--warning-as-error")
 
@@ -29,11 +29,17 @@ _LOADABLE, _WHY = _nvrtc_loadable()
 pytestmark = pytest.mark.skipif(not _LOADABLE, reason=_WHY)
 
 
-def _cases(module):
+def _forward_cases():
     """(source, kernel, defines, arch): each family's instantiations for the architectures it runs on."""
-    return [(module.SOURCE, name, defines, arch)
-            for family, archs in module.FAMILY_ARCHS.items()
-            for name, defines in module.instantiations(family) for arch in archs]
+    return [(forward.SOURCE, name, defines, arch)
+            for family, archs in forward.FAMILY_ARCHS.items()
+            for name, defines in forward.instantiations(family) for arch in archs]
+
+
+def _backward_cases():
+    """Every backward instantiation, for both architecture families."""
+    return [(source, name, defines, arch)
+            for source, name, defines in backward.instantiations() for arch in ("sm_80", "sm_90a")]
 
 
 def _compile(case):
@@ -45,9 +51,9 @@ def _compile(case):
     return None
 
 
-@pytest.mark.parametrize("module", [forward], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
-def test_every_instantiation_compiles_without_spills(module):
-    cases = _cases(module)
+@pytest.mark.parametrize("cases", [_forward_cases, _backward_cases], ids=["forward", "backward"])
+def test_every_instantiation_compiles_without_spills(cases):
+    cases = cases()
     assert cases, "the launcher lists no instantiation"
     # NVRTC programs are independent, and compiling releases the GIL: one thread per core.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -62,3 +68,17 @@ def test_forward_configs_fit_shared_memory():
         elem_bytes = 4 if kind == "float32" else 2
         for bucket, config in table.items():
             assert config.smem_bytes(bucket, elem_bytes) <= limits[family], (family, kind, bucket, config)
+
+
+def test_backward_configs_fit_shared_memory():
+    """The atomic dK/dV variant may exceed the sm80 family's limit (the launcher then takes the dQ
+    kernel), but on sm90 every variant fits."""
+    limits = {"sm80": forward._SM80_SMEM_LIMIT, "sm90": forward._SM90_SMEM_LIMIT}
+    for (family, kind), table in backward.CONFIGS.items():
+        elem = 4 if kind == "float32" else 2
+        for bucket, entry in table.items():
+            where = (family, kind, bucket)
+            assert entry.dkdv.smem_bytes(bucket, elem, True, False) <= limits[family], where
+            assert entry.dq.smem_bytes(bucket, elem, False, False) <= limits[family], where
+            if family == "sm90":
+                assert entry.dkdv.smem_bytes(bucket, elem, True, True) <= limits[family], where

@@ -25,6 +25,7 @@ import numpy
 
 from .._errors import BackendUnavailableError
 from . import runtime
+from .runtime import element_strides, vector_loadable
 
 SOURCE = "flash_bwd.cu"
 AUX_SOURCE = "flash_bwd_aux.cu"
@@ -187,22 +188,6 @@ def choose_entry(problem, device_id=None):
     return CONFIGS[(family(major, minor), kind)][bucket], bucket
 
 
-def _vector_ok(x):
-    """Rows 16-byte aligned with unit stride along the last dim (size-1 dims' strides never matter)."""
-    if x.size == 0:
-        return True
-    if x.data.ptr % 16:
-        return False
-    for size, stride in zip(x.shape[:-1], x.strides[:-1]):
-        if size > 1 and stride % 16:
-            return False
-    return x.shape[-1] == 1 or x.strides[-1] == x.itemsize
-
-
-def _elem_strides(x):
-    return [numpy.int64(s // x.itemsize) for s in x.strides]
-
-
 def _smem_limit(device_id):
     import cupy
 
@@ -256,7 +241,7 @@ def _launch(dout, q, k, v, out, lse, dq, dk, dv, problem, deterministic, entry):
         causal = i32(bool(problem.causal))
         offset = i64(problem.causal_offset if problem.causal else 0)
         scale_log2, scale = f32(problem.scale * _LOG2E), f32(problem.scale)
-        vec_in = i32(all(_vector_ok(x) for x in (q, k, v, dout)))
+        vec_in = i32(all(vector_loadable(x) for x in (q, k, v, dout)))
         aux = aux_defines(name)
 
         # 1. D and L2 per query row.
@@ -267,7 +252,7 @@ def _launch(dout, q, k, v, out, lse, dq, dk, dv, problem, deterministic, entry):
         if rows:
             kernel = runtime.get_kernel(AUX_SOURCE, KERNEL_PREPROCESS, aux)
             runtime.launch(kernel, (math.ceil(rows / 8), 1, 1), (256, 1, 1), (
-                out, dout, lse, l2, dsum, *_elem_strides(out), *_elem_strides(dout), *_elem_strides(lse),
+                out, dout, lse, l2, dsum, *element_strides(out), *element_strides(dout), *element_strides(lse),
                 i32(Hq), i32(Sq), i32(sq_pad), i32(Dv), i64(rows)))
 
         # 2. dK, dV (and the atomic dQ).
@@ -287,8 +272,8 @@ def _launch(dout, q, k, v, out, lse, dq, dk, dv, problem, deterministic, entry):
             dv_strides = [i64(B * Hkv * Sk * Dv), i64(Hkv * Sk * Dv), i64(Dv), i64(Sk * Dv), i64(1)]
         else:
             dk_out, dv_out = dk, dv
-            dk_strides = [i64(0), *_elem_strides(dk)]
-            dv_strides = [i64(0), *_elem_strides(dv)]
+            dk_strides = [i64(0), *element_strides(dk)]
+            dv_strides = [i64(0), *element_strides(dv)]
         grid = B * Hkv * splits * n_key_tiles
         if grid > _MAX_GRID_X:
             raise ValueError(f"batch * heads_kv * ceil(seqlen_k / {cfg.block_own}) = {grid} exceeds the CUDA grid limit")
@@ -296,7 +281,7 @@ def _launch(dout, q, k, v, out, lse, dq, dk, dv, problem, deterministic, entry):
             kernel = runtime.get_kernel(SOURCE, KERNEL_DKDV, main_defines(cfg, bucket, name, 0, dq_atomic))
             runtime.launch(kernel, (grid, 1, 1), (cfg.warps * 32, 1, 1), (
                 q, k, v, dout, l2, dsum, dq_accum if dq_atomic else l2, dk_out, dv_out,
-                *_elem_strides(q), *_elem_strides(k), *_elem_strides(v), *_elem_strides(dout),
+                *element_strides(q), *element_strides(k), *element_strides(v), *element_strides(dout),
                 *dk_strides, *dv_strides,
                 i32(Hq), i32(Hkv), i32(problem.group_size), i32(per_split), i32(splits), i32(Sq), i32(sq_pad),
                 i32(Sk), i32(D), i32(Dv), causal, offset, scale_log2, scale, i32(n_key_tiles), vec_in,
@@ -318,8 +303,8 @@ def _launch(dout, q, k, v, out, lse, dq, dk, dv, problem, deterministic, entry):
                 kernel = runtime.get_kernel(SOURCE, KERNEL_DQ, main_defines(cfg, bucket, name, 1, False))
                 runtime.launch(kernel, (grid, 1, 1), (cfg.warps * 32, 1, 1), (
                     q, k, v, dout, l2, dsum, dq,
-                    *_elem_strides(q), *_elem_strides(k), *_elem_strides(v), *_elem_strides(dout),
-                    *_elem_strides(dq),
+                    *element_strides(q), *element_strides(k), *element_strides(v), *element_strides(dout),
+                    *element_strides(dq),
                     i32(Hq), i32(problem.group_size), i32(Sq), i32(sq_pad), i32(Sk), i32(D), i32(Dv), causal, offset,
                     scale_log2, scale, i32(n_q_tiles), vec_in), shared_mem=cfg.smem_bytes(bucket, elem_bytes, False, False))
 
@@ -335,5 +320,5 @@ def _convert(aux, src, splits, src_sh, src_ss, dst, heads, seqlen, dim, scale, s
     blocks = min(math.ceil(total / 256), sm_count * 16)
     i32, i64 = numpy.int32, numpy.int64
     runtime.launch(kernel, (blocks, 1, 1), (256, 1, 1), (
-        src, i64(split_stride), i64(src_sh), i64(src_ss), i32(splits), dst, *_elem_strides(dst), i32(heads),
+        src, i64(split_stride), i64(src_sh), i64(src_ss), i32(splits), dst, *element_strides(dst), i32(heads),
         i32(seqlen), i32(dim), numpy.float32(scale), i64(total)))

@@ -18,6 +18,7 @@ import numpy
 
 from .._errors import BackendUnavailableError
 from . import runtime
+from .runtime import element_strides, vector_loadable
 
 SOURCE = "flash_fwd.cu"
 KERNEL = "flash_fwd"
@@ -160,22 +161,6 @@ def supported(problem):
     return True, ""
 
 
-def _vector_ok(x):
-    """Rows 16-byte aligned with unit stride along the last dim (size-1 dims' strides never matter)."""
-    if x.size == 0:
-        return True
-    if x.data.ptr % 16:
-        return False
-    for size, stride in zip(x.shape[:-1], x.strides[:-1]):
-        if size > 1 and stride % 16:
-            return False
-    return x.shape[-1] == 1 or x.strides[-1] == x.itemsize
-
-
-def _elem_strides(x):
-    return [numpy.int64(s // x.itemsize) for s in x.strides]
-
-
 def flash_forward(q, k, v, out, lse, problem):
     """Compute ``out`` (B, Sq, Hq, Dv) and ``lse`` (B, Hq, Sq, float32, natural log) on the GPU.
 
@@ -211,7 +196,7 @@ def _launch(q, k, v, out, lse, problem, config):
     with cupy.cuda.Device(q.device.id):
         chosen, bucket, _fam = choose_config(problem, q.device.id)
         name = numpy.dtype(problem.dtype).name
-        vec_load = _vector_ok(q) and _vector_ok(k) and _vector_ok(v)
+        vec_load = vector_loadable(q) and vector_loadable(k) and vector_loadable(v)
         config = config or (chosen if vec_load else chosen.element_wise())
         kernel = runtime.get_kernel(SOURCE, KERNEL, defines(config, bucket, name, vec_load))
         # Sequence indices are 32-bit inside the kernel (offsets are 64-bit).
@@ -224,11 +209,11 @@ def _launch(q, k, v, out, lse, problem, config):
         i32 = numpy.int32
         args = (
             q, k, v, out, lse,
-            *_elem_strides(q), *_elem_strides(k), *_elem_strides(v), *_elem_strides(out),
-            *_elem_strides(lse),
+            *element_strides(q), *element_strides(k), *element_strides(v), *element_strides(out),
+            *element_strides(lse),
             i32(Hq), i32(Hq // Hkv), i32(Sq), i32(Sk), i32(problem.head_dim), i32(problem.head_dim_v),
             i32(bool(problem.causal)), numpy.int64(problem.causal_offset if problem.causal else 0),
-            numpy.float32(problem.scale * _LOG2E), i32(num_m), i32(_vector_ok(out)),
+            numpy.float32(problem.scale * _LOG2E), i32(num_m), i32(vector_loadable(out)),
         )
         elem_bytes = numpy.dtype(problem.dtype).itemsize
         runtime.launch(kernel, (grid_x, 1, 1), (config.warps * 32, 1, 1), args,

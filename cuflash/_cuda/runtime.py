@@ -125,6 +125,26 @@ def get_kernel(filename, kernel_name, defines):
     return kernel
 
 
+def vector_loadable(x):
+    """Whether the kernels may move ``x`` in 16-byte vectors: the data and every row (each stride of
+    a dimension longer than 1) 16-byte aligned, and a unit stride along the last dimension."""
+    if x.size == 0:
+        return True
+    if x.data.ptr % 16:
+        return False
+    for size, stride in zip(x.shape[:-1], x.strides[:-1]):
+        if size > 1 and stride % 16:
+            return False
+    return x.shape[-1] == 1 or x.strides[-1] == x.itemsize
+
+
+def element_strides(x):
+    """The strides of a CuPy array in elements (CuPy gives bytes), as the kernels' int64 arguments."""
+    import numpy
+
+    return [numpy.int64(s // x.itemsize) for s in x.strides]
+
+
 def launch(kernel, grid, block, args, shared_mem=0):
     """Launch on CuPy's current stream; driver errors become ``KernelLaunchError`` naming the kernel."""
     import cupy
