@@ -11,6 +11,8 @@
 //   VEC_LOAD    1: q, k, v rows are 16-byte aligned with unit stride along the head dim, loaded by
 //               16-byte cp.async; 0: element loads with any strides (no copies of odd layouts)
 //   DTYPE       1 float16, 2 bfloat16 (mma.m16n8k16), 3 float32 (3xTF32 mma.m16n8k8)
+//   SPLIT_Q     float32 only: 1 splits Q_i once into big/small planes in shared memory (twice the
+//               bytes of Q_i); 0 keeps Q_i as loaded and splits its fragments at every k8 step
 //
 // Visibility: query i sees key j iff j < Sk and (!causal or j <= i + causal_offset). A row that sees
 // no key gets O = 0 and LSE = -inf. LSE is the natural log of sum_j exp(scale * q_i . k_j).
@@ -20,6 +22,9 @@
     !defined(MIN_BLOCKS) || !defined(MAX_REGS) || !defined(DTYPE) || !defined(VEC_LOAD)
 #error "flash_fwd.cu needs HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, STAGES, MIN_BLOCKS, MAX_REGS, DTYPE and VEC_LOAD defined"
 #endif
+#if DTYPE == 3 && !defined(SPLIT_Q)
+#error "the float32 flash_fwd.cu needs SPLIT_Q defined"
+#endif
 
 namespace cuflash {
 namespace fwd {
@@ -27,10 +32,13 @@ namespace fwd {
 constexpr bool kIsF32 = DTYPE == 3;
 #if DTYPE == 1
 using Elem = Half;
+constexpr bool kSplitQ = false;
 #elif DTYPE == 2
 using Elem = BFloat16;
+constexpr bool kSplitQ = false;
 #elif DTYPE == 3
 using Elem = float;
+constexpr bool kSplitQ = SPLIT_Q;
 #else
 #error "DTYPE must be 1 (float16), 2 (bfloat16) or 3 (float32)"
 #endif
@@ -52,16 +60,31 @@ constexpr int kWarpRows = kBlockM / kWarps;
 constexpr int kMTiles = kWarpRows / 16;                // m16 fragments per warp
 constexpr int kNTiles = kBlockN / 8;                   // n8 fragments of S per warp row block
 constexpr int kDTiles = kHeadDim / 8;                  // n8 fragments of O
-constexpr int kQBytes = kBlockM * kRowBytes;
 constexpr int kKVTileBytes = kBlockN * kRowBytes;
-constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVTileBytes;
+// float32 (3xTF32): every operand is split into big = tf32(x) and small = tf32(x - big) once, into
+// "planes" ordered by mma fragment: for each fragment, 32 lanes x 16 bytes in lane order, so a warp
+// reads a whole fragment with one conflict-free 16-byte load per lane. A K_j or V_j fragment
+// (m16n8k8 B operand) holds {big b[0], big b[1], small b[0], small b[1]} per lane (512 bytes); a
+// Q_i fragment (A operand) is 512 bytes of big a[0..3] then 512 bytes of small a[0..3].
+// Shared memory, float32: [Q_i: planes (SPLIT_Q) or as loaded][K_j planes][V_j planes][K_j][V_j]:
+// one tile is split and computed from its planes while the next lands in the raw K_j/V_j buffer
+// (kStages == 2). With SPLIT_Q, Q_i is first loaded into the space after its planes and split.
+constexpr int kFragBytes = 32 * 16;
+constexpr int kKVPlaneBytes = kBlockN * kHeadDim * 8;  // big and small of K_j (or V_j), 8 bytes an element
+constexpr int kQLoadedBytes = kBlockM * kRowBytes;
+constexpr int kQBytes = kSplitQ ? kBlockM * kHeadDim * 8 : kQLoadedBytes;
+constexpr int kKVF32Bytes = 2 * kKVPlaneBytes + 2 * kKVTileBytes;
+constexpr int kSmemBytes = !kIsF32 ? kQBytes + 2 * kStages * kKVTileBytes
+                                   : kQBytes + (kSplitQ && kQLoadedBytes > kKVF32Bytes ? kQLoadedBytes : kKVF32Bytes);
 
 static_assert(kHeadDim % 32 == 0 && kHeadDim >= 32 && kHeadDim <= 256, "HEAD_DIM must be a multiple of 32 in 32..256");
 static_assert(kWarps >= 1 && kWarps <= 16, "NUM_WARPS must be in 1..16");
 static_assert(kBlockM % (16 * kWarps) == 0, "BLOCK_M must be a multiple of 16 * NUM_WARPS (m16 fragments per warp)");
 static_assert(kMTiles >= 1 && kMTiles <= 4, "each warp owns 16, 32, 48 or 64 rows");
-static_assert(kBlockN % 16 == 0 && kBlockN >= 16, "BLOCK_N must be a multiple of 16 (k16 steps of P V)");
+static_assert(kIsF32 || (kBlockN % 16 == 0 && kBlockN >= 16), "BLOCK_N must be a multiple of 16 (k16 steps of P V)");
+static_assert(!kIsF32 || (kBlockN % 8 == 0 && kBlockN >= 8), "float32 BLOCK_N must be a multiple of 8 (k8 steps of P V)");
 static_assert(kStages >= 2 && kStages <= 4, "STAGES must be in 2..4");
+static_assert(!kIsF32 || kStages == 2, "float32 streams one raw K_j/V_j tile beside the split planes: STAGES must be 2");
 static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA can have");
 static_assert((kRowBytes / 4) % 32 == 4 || (kRowBytes / 4) % 32 == 20,
               "row stride must keep ldmatrix/tf32 fragment rows on distinct bank groups");
@@ -96,7 +119,13 @@ __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, i
     const char* src = t.base + (static_cast<i64>(row0 + r) * t.stride_s + col0 * t.stride_d) * kElemBytes;
 #endif
     u32 dst = smem + r * kRowBytes + col0 * kElemBytes;
+#if DTYPE == 3 && !VEC_LOAD
+    // float32 element loads of many passes stay rolled: unrolled, the loads of every pass are issued
+    // at once, and their values and 64-bit addresses do not fit beside O_i.
+#pragma unroll(kPasses >= 8 ? 1 : kPasses)
+#else
 #pragma unroll
+#endif
     for (int p = 0; p < kPasses; ++p) {
         if (kPasses * kRowsPerPass == ROWS || r + p * kRowsPerPass < ROWS) {
             const int valid = row0 + r + p * kRowsPerPass < nrows ? cols : 0;
@@ -198,60 +227,118 @@ __device__ __forceinline__ void mma_3xtf32(float (&d)[4], const u32 (&a_big)[4],
     for (int e = 0; e < 4; ++e) d[e] += part[e];
 }
 
-// S_i += Q_i K_j^T with scalar shared loads in the m16n8k8 tf32 fragment layout.
-__device__ __forceinline__ void qk_product(float (&acc_s)[kMTiles][kNTiles][4], u32 sQ_warp, u32 sK, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const u32 q_lane = sQ_warp + g * kRowBytes + t * 4;
-    const u32 k_lane = sK + g * kRowBytes + t * 4;
+// Splits Q_i's m16n8k8 A fragment (mt, kk) of this warp from Q_i as loaded (rows padded to
+// kRowBytes): a[0] = (g, t), a[1] = (g + 8, t), a[2] = (g, t + 4), a[3] = (g + 8, t + 4).
+__device__ __forceinline__ void split_q_frag(u32 (&a_big)[4], u32 (&a_small)[4], u32 sQ_loaded_warp, int mt, int kk,
+                                             int lane) {
+    const u32 qa = sQ_loaded_warp + ((lane >> 2) + mt * 16) * kRowBytes + ((lane & 3) + kk * 8) * 4;
+    split_tf32(lds_f32(qa), a_big[0], a_small[0]);
+    split_tf32(lds_f32(qa + 8 * kRowBytes), a_big[1], a_small[1]);
+    split_tf32(lds_f32(qa + 16), a_big[2], a_small[2]);
+    split_tf32(lds_f32(qa + 8 * kRowBytes + 16), a_big[3], a_small[3]);
+}
+
+// SPLIT_Q: this warp's rows of Q_i into its planes, fragment (mt, kk) at (mt * kDTiles + kk) * 1024.
+// Only this warp reads them.
+__device__ __forceinline__ void split_q(u32 sQ_warp, u32 sQ_loaded_warp, int lane) {
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 8; ++kk) {
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < kDTiles; ++kk) {
+            u32 a_big[4], a_small[4];
+            split_q_frag(a_big, a_small, sQ_loaded_warp, mt, kk, lane);
+            const u32 dst = sQ_warp + (mt * kDTiles + kk) * 2 * kFragBytes + lane * 16;
+            sts_128(dst, a_big[0], a_big[1], a_big[2], a_big[3]);
+            sts_128(dst + kFragBytes, a_small[0], a_small[1], a_small[2], a_small[3]);
+        }
+}
+
+// Splits the raw K_j, V_j tile into their planes; the warps share the fragments. K_j fragment
+// (nt, kk) is the B operand of S = Q K^T: b[0] = K[nt*8 + g][kk*8 + t], b[1] = column + 4. V_j
+// fragment (nt, dt) is the B operand of O += P V under pv_product's key permutation:
+// b[0] = V[nt*8 + 2t][dt*8 + g], b[1] = V[nt*8 + 2t + 1][dt*8 + g]. Both index as nt * kDTiles + kk
+// (kk, dt < kDTiles), and the raw reads are conflict-free thanks to the row padding.
+__device__ __forceinline__ void split_kv(u32 sKV, int warp, int lane) {
+    constexpr int kFrags = kNTiles * kDTiles;
+    const int g = lane >> 2, t = lane & 3;
+    const u32 k_lane = sKV + 2 * kKVPlaneBytes + g * kRowBytes + t * 4;
+    const u32 v_lane = sKV + 2 * kKVPlaneBytes + kKVTileBytes + 2 * t * kRowBytes + g * 4;
+    // Rolled: unrolled, the compiler computes every fragment's addresses once for the whole loop
+    // over tiles and holds them in registers throughout.
+#pragma unroll 1
+    for (int f = warp; f < kFrags; f += kWarps) {
+        const int nt = f / kDTiles, kk = f - nt * kDTiles;
+        const u32 src = nt * 8 * kRowBytes + kk * 32;
+        const u32 dst = f * kFragBytes + lane * 16;
+        u32 big[2], small[2];
+        split_tf32(lds_f32(k_lane + src), big[0], small[0]);
+        split_tf32(lds_f32(k_lane + src + 16), big[1], small[1]);
+        sts_128(sKV + dst, big[0], big[1], small[0], small[1]);
+        split_tf32(lds_f32(v_lane + src), big[0], small[0]);
+        split_tf32(lds_f32(v_lane + src + kRowBytes), big[1], small[1]);
+        sts_128(sKV + kKVPlaneBytes + dst, big[0], big[1], small[0], small[1]);
+    }
+}
+
+// S_i += Q_i K_j^T from the K_j planes; Q_i fragments from its planes (SPLIT_Q) or split here.
+// The loop over k8 steps stays rolled: unrolled, the compiler issues the fragment loads of many
+// steps ahead and runs out of registers (spills at every register cap tried).
+__device__ __forceinline__ void qk_product(float (&acc_s)[kMTiles][kNTiles][4], u32 sQ_warp, u32 sK, int lane) {
+#pragma unroll 1
+    for (int kk = 0; kk < kDTiles; ++kk) {
         u32 a_big[kMTiles][4], a_small[kMTiles][4];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-            const u32 qa = q_lane + mt * 16 * kRowBytes + kk * 32;
-            split_tf32(lds_f32(qa), a_big[mt][0], a_small[mt][0]);
-            split_tf32(lds_f32(qa + 8 * kRowBytes), a_big[mt][1], a_small[mt][1]);
-            split_tf32(lds_f32(qa + 16), a_big[mt][2], a_small[mt][2]);
-            split_tf32(lds_f32(qa + 8 * kRowBytes + 16), a_big[mt][3], a_small[mt][3]);
+            if constexpr (kSplitQ) {
+                const u32 qa = sQ_warp + (mt * kDTiles + kk) * 2 * kFragBytes + lane * 16;
+                lds_128(qa, a_big[mt][0], a_big[mt][1], a_big[mt][2], a_big[mt][3]);
+                lds_128(qa + kFragBytes, a_small[mt][0], a_small[mt][1], a_small[mt][2], a_small[mt][3]);
+            } else {
+                split_q_frag(a_big[mt], a_small[mt], sQ_warp, mt, kk, lane);
+            }
         }
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
-            const u32 ka = k_lane + nt * 8 * kRowBytes + kk * 32;
             u32 b_big[2], b_small[2];
-            split_tf32(lds_f32(ka), b_big[0], b_small[0]);
-            split_tf32(lds_f32(ka + 16), b_big[1], b_small[1]);
+            lds_128(sK + (nt * kDTiles + kk) * kFragBytes + lane * 16, b_big[0], b_big[1], b_small[0], b_small[1]);
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) mma_3xtf32(acc_s[mt][nt], a_big[mt], a_small[mt], b_big, b_small);
         }
     }
 }
 
-// O_i += P V_j. The k8 step over keys uses the permutation k = t <-> key 2t, k = t + 4 <-> key
-// 2t + 1, under which the C fragment of S is already the A fragment of P (no shuffles); the B
-// fragment reads the V_j rows of the same keys.
-__device__ __forceinline__ void pv_product(float (&acc_o)[kMTiles][kDTiles][4], const float (&p)[kMTiles][kNTiles][4],
+// O_i += P V_j from the V_j planes. The k8 step over keys uses the permutation k = t <-> key 2t,
+// k = t + 4 <-> key 2t + 1, under which the C fragment of S is already the A fragment of P (no
+// shuffles); the V_j planes hold the rows of the same keys. The loop over key blocks stays rolled
+// (unrolled, the compiler issues the V_j loads of later blocks early and runs out of registers),
+// so P of the current block is always p[.][0]: each step moves the next block's P to the front.
+__device__ __forceinline__ void pv_product(float (&acc_o)[kMTiles][kDTiles][4], float (&p)[kMTiles][kNTiles][4],
                                            u32 sV, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const u32 v_lane = sV + 2 * t * kRowBytes + g * 4;
-#pragma unroll
+    u32 v_frag = sV + lane * 16;
+#pragma unroll 1
     for (int nt = 0; nt < kNTiles; ++nt) {
         u32 a_big[kMTiles][4], a_small[kMTiles][4];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-            split_tf32(p[mt][nt][0], a_big[mt][0], a_small[mt][0]);
-            split_tf32(p[mt][nt][2], a_big[mt][1], a_small[mt][1]);
-            split_tf32(p[mt][nt][1], a_big[mt][2], a_small[mt][2]);
-            split_tf32(p[mt][nt][3], a_big[mt][3], a_small[mt][3]);
+            split_tf32(p[mt][0][0], a_big[mt][0], a_small[mt][0]);
+            split_tf32(p[mt][0][2], a_big[mt][1], a_small[mt][1]);
+            split_tf32(p[mt][0][1], a_big[mt][2], a_small[mt][2]);
+            split_tf32(p[mt][0][3], a_big[mt][3], a_small[mt][3]);
         }
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
-            const u32 va = v_lane + nt * 8 * kRowBytes + dt * 32;
             u32 b_big[2], b_small[2];
-            split_tf32(lds_f32(va), b_big[0], b_small[0]);
-            split_tf32(lds_f32(va + kRowBytes), b_big[1], b_small[1]);
+            lds_128(v_frag + dt * kFragBytes, b_big[0], b_big[1], b_small[0], b_small[1]);
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) mma_3xtf32(acc_o[mt][dt], a_big[mt], a_small[mt], b_big, b_small);
         }
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int j = 0; j + 1 < kNTiles; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) p[mt][j][e] = p[mt][j + 1][e];
+        v_frag += kDTiles * kFragBytes;
     }
 }
 #endif
@@ -346,7 +433,8 @@ struct SoftmaxState {
 
 // Loop-invariant inputs of tile_step.
 struct TileLoop {
-    u32 sQ_warp, sKV;  // this warp's Q_i rows; K stages then V stages
+    u32 sQ_warp, sKV;  // this warp's Q_i rows (float32: planes or as loaded); K stages then V stages
+                       // (float32: K_j planes, V_j planes, raw K_j, raw V_j)
     Tensor tk, tv;
     int n_blocks, seqlen_k, head_dim, head_dim_v, tid, lane;
     float scale_log2;
@@ -357,6 +445,22 @@ struct TileLoop {
 template <bool MASKED>
 __device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage, const int (&last_key)[kMTiles][2],
                                           SoftmaxState& state, float (&acc_o)[kMTiles][kDTiles][4]) {
+#if DTYPE == 3
+    cp_async_wait<0>();
+    // Raw tile `it` (and Q_i without SPLIT_Q) has landed for every thread, and every warp is
+    // done with the planes of tile it-1, which the split overwrites.
+    __syncthreads();
+    split_kv(c.sKV, c.tid >> 5, c.lane);
+    // The planes of tile `it` are complete, and every warp has read the raw tile, which the
+    // load below refills.
+    __syncthreads();
+    if (it + 1 < c.n_blocks) {
+        const int n0 = (c.n_blocks - 2 - it) * kBlockN;
+        load_tile<kBlockN>(c.sKV + 2 * kKVPlaneBytes, c.tk, n0, c.seqlen_k, c.head_dim, c.tid);
+        load_tile<kBlockN>(c.sKV + 2 * kKVPlaneBytes + kKVTileBytes, c.tv, n0, c.seqlen_k, c.head_dim_v, c.tid);
+    }
+    cp_async_commit();
+#else
     cp_async_wait<kStages - 2>();
     // Tile `it` (and Q_i) has landed for every thread, and every warp is done with tile it-1,
     // whose stage the load below refills.
@@ -369,6 +473,7 @@ __device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage,
         load_tile<kBlockN>(c.sKV + (kStages + nstage) * kKVTileBytes, c.tv, n0, c.seqlen_k, c.head_dim_v, c.tid);
     }
     cp_async_commit();
+#endif
 
     float s[kMTiles][kNTiles][4];
 #pragma unroll
@@ -377,7 +482,7 @@ __device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage,
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
-    qk_product(s, c.sQ_warp, c.sKV + stage * kKVTileBytes, c.lane);
+    qk_product(s, c.sQ_warp, kIsF32 ? c.sKV : c.sKV + stage * kKVTileBytes, c.lane);
 
     // Tiles with a mask: scale into the log2 domain and set keys past each row's last visible one
     // to -inf. Unmasked tiles leave the scaling to the softmax's exp2.
@@ -403,7 +508,7 @@ __device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage,
     }
 
     state.update<MASKED>(s, acc_o, c.scale_log2);
-    pv_product(acc_o, s, c.sKV + (kStages + stage) * kKVTileBytes, c.lane);
+    pv_product(acc_o, s, kIsF32 ? c.sKV + kKVPlaneBytes : c.sKV + (kStages + stage) * kKVTileBytes, c.lane);
     stage = stage + 1 == kStages ? 0 : stage + 1;
 }
 
@@ -433,7 +538,7 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
           i64 causal_offset, float scale_log2, int num_m_blocks, int vec_out) {
     extern __shared__ __align__(128) char smem[];
     const u32 sQ = smem_addr(smem);
-    const u32 sKV = sQ + kQBytes;  // K stages, then V stages
+    const u32 sKV = sQ + kQBytes;  // K stages, then V stages (float32: planes, then raw tile)
 
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
@@ -457,6 +562,26 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
     const int n_blocks = key_end <= 0 ? 0 : static_cast<int>((key_end + kBlockN - 1) / kBlockN);
 
     // Tiles run from the last to the first, so the masked (diagonal, Sk tail) ones come first.
+#if DTYPE == 3
+    // With SPLIT_Q, Q_i lands where the K_j/V_j planes go and is split into its own planes.
+    const u32 sQ_loaded = kSplitQ ? sKV : sQ;
+    load_tile<kBlockM>(sQ_loaded, tq, row0, seqlen_q, head_dim, tid);
+    if constexpr (kSplitQ) {
+        cp_async_commit();
+        cp_async_wait<0>();
+        // Every thread's copies of Q_i have landed before warps split their rows.
+        __syncthreads();
+        split_q(sQ + warp * kWarpRows * kHeadDim * 8, sQ_loaded + warp * kWarpRows * kRowBytes, lane);
+        // Every warp has read Q_i as loaded, which the first raw tile and the planes overwrite.
+        __syncthreads();
+    }
+    if (n_blocks > 0) {
+        const int n0 = (n_blocks - 1) * kBlockN;
+        load_tile<kBlockN>(sKV + 2 * kKVPlaneBytes, tk, n0, seqlen_k, head_dim, tid);
+        load_tile<kBlockN>(sKV + 2 * kKVPlaneBytes + kKVTileBytes, tv, n0, seqlen_k, head_dim_v, tid);
+    }
+    cp_async_commit();
+#else
     load_tile<kBlockM>(sQ, tq, row0, seqlen_q, head_dim, tid);
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -467,6 +592,7 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
         }
         cp_async_commit();  // one group per stage, empty or not, so wait_group counts stay uniform
     }
+#endif
 
     float acc_o[kMTiles][kDTiles][4];
 #pragma unroll
@@ -494,7 +620,8 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
             last_key[mt][hh] = static_cast<int>(last < -1 ? -1 : last);
         }
 
-    const TileLoop loop{sQ_warp, sKV, tk, tv, n_blocks, seqlen_k, head_dim, head_dim_v, tid, lane, scale_log2};
+    const u32 sQ_frag = kSplitQ ? sQ + warp * kWarpRows * kHeadDim * 8 : sQ_warp;
+    const TileLoop loop{sQ_frag, sKV, tk, tv, n_blocks, seqlen_k, head_dim, head_dim_v, tid, lane, scale_log2};
     // Tiles that cross the Sk tail or the diagonal come first (descending order); from the first
     // tile that needs no mask on, none does.
     int it = 0;
@@ -508,7 +635,8 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
     for (; it < n_blocks; ++it) tile_step<false>(loop, it, stage, last_key, state, acc_o);
     cp_async_wait<0>();
     // Every thread's copies into Q_i have landed (the loop's barriers do not cover n_blocks == 0)
-    // before warps reuse their Q_i rows to stage O_i.
+    // before warps reuse their Q_i rows to stage O_i; with SPLIT_Q those rows overlap other warps'
+    // Q_i planes, which every warp is done with here.
     __syncthreads();
 
     // Finalize: O_i = acc / l_i, LSE_i = ln 2 * (m_i + log2 l_i); a row with l_i = 0 saw no key.
@@ -526,8 +654,9 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
             }
         }
 
-    // Stage O_i through this warp's own rows of the Q_i buffer (only this warp read them), then
-    // write whole 16-byte chunks per lane so global stores are coalesced.
+    // Stage O_i through this warp's own rows of the Q_i buffer (only this warp read them, or with
+    // SPLIT_Q no warp reads the buffer any more), then write whole 16-byte chunks per lane so global
+    // stores are coalesced.
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll

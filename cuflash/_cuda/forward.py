@@ -40,6 +40,7 @@ class Config:
     stages: int
     min_blocks: int = 1  # CTAs per SM promised to the register allocator
     max_regs: int = 0    # if > 0: register cap per thread, instead of min_blocks
+    split_q: bool = False  # float32 only: Q_i split once into big/small planes in shared memory
 
     def element_wise(self):
         """The configuration for the element-wise loading path: its stride arithmetic needs
@@ -47,9 +48,18 @@ class Config:
         return replace(self, block_n=min(self.block_n, 64))
 
     def smem_bytes(self, head_dim, elem_bytes):
-        """Dynamic shared memory of the kernel: Q_i plus ``stages`` K_j and V_j tiles, rows padded by 16 bytes."""
+        """Dynamic shared memory of the kernel (``kSmemBytes`` in flash_fwd.cu). 16-bit: Q_i plus
+        ``stages`` K_j and V_j tiles, rows padded by 16 bytes. float32: Q_i (as loaded, or its big
+        and small planes of 8 bytes an element), the planes of one K_j and V_j tile, and one raw K_j
+        and V_j tile in flight; with split_q, Q_i is loaded into the space after its planes first."""
         row_bytes = head_dim * elem_bytes + 16
-        return (self.block_m + 2 * self.stages * self.block_n) * row_bytes
+        if elem_bytes == 2:
+            return (self.block_m + 2 * self.stages * self.block_n) * row_bytes
+        q_loaded = self.block_m * row_bytes
+        kv = 2 * self.block_n * head_dim * 8 + 2 * self.block_n * row_bytes
+        if self.split_q:
+            return self.block_m * head_dim * 8 + max(q_loaded, kv)
+        return q_loaded + kv
 
 
 # (family, "16bit" | "float32") -> {head-dim bucket: Config}. sm80-family entries stay within the
@@ -78,24 +88,26 @@ CONFIGS = {
         256: Config(64, 16, 4, 2),
     },
     # float32 has no 224 bucket: its 224-wide tiles spill at every register cap tried, so
-    # 193..256 run in the 256 bucket.
+    # 193..256 run in the 256 bucket. Each K_j/V_j tile is split once into shared planes of twice
+    # its size (see Config.smem_bytes), which bounds the tiles; Q_i is split once too (split_q)
+    # where its planes fit beside them. Register caps are the ones that compile without spills.
     ("sm90", "float32"): {
-        32: Config(128, 64, 8, 2),
+        32: Config(128, 64, 8, 2, min_blocks=2),
         64: Config(128, 32, 8, 2),
-        96: Config(128, 32, 8, 2),
-        128: Config(128, 32, 8, 2, max_regs=160),
-        160: Config(128, 32, 8, 2),
-        192: Config(128, 32, 8, 2),
-        256: Config(64, 16, 4, 2, max_regs=200),
+        96: Config(128, 32, 8, 2, split_q=True),
+        128: Config(128, 32, 8, 2, split_q=True),
+        160: Config(128, 32, 8, 2, max_regs=160),
+        192: Config(128, 16, 8, 2),
+        256: Config(128, 16, 8, 2, max_regs=188),
     },
     ("sm80", "float32"): {
         32: Config(64, 64, 4, 2),
         64: Config(64, 32, 4, 2),
         96: Config(64, 32, 4, 2),
         128: Config(64, 16, 4, 2),
-        160: Config(64, 16, 4, 2, min_blocks=3),
-        192: Config(64, 16, 4, 2, min_blocks=3),
-        256: Config(32, 16, 2, 2),
+        160: Config(64, 8, 4, 2),
+        192: Config(64, 8, 4, 2, max_regs=244),
+        256: Config(32, 8, 2, 2, max_regs=184),
     },
 }
 
@@ -118,7 +130,7 @@ def family(major, minor):
 
 def defines(config, bucket, dtype_name, vec_load):
     """The ``#define`` block of one instantiation."""
-    return {
+    block = {
         "HEAD_DIM": bucket,
         "BLOCK_M": config.block_m,
         "BLOCK_N": config.block_n,
@@ -129,6 +141,9 @@ def defines(config, bucket, dtype_name, vec_load):
         "DTYPE": _DTYPE_CODES[dtype_name],
         "VEC_LOAD": int(vec_load),
     }
+    if dtype_name == "float32":
+        block["SPLIT_Q"] = int(config.split_q)
+    return block
 
 
 def instantiations(family=None):
