@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cuflash._cuda import backward, runtime  # noqa: E402
 from cuflash._problem import Problem  # noqa: E402
+from bench_attention import median_ms  # noqa: E402
 
 C, E = backward.Config, backward.Entry
 # (dtype kind, bucket) -> alternative entries to time beside the table's choice.
@@ -85,20 +86,6 @@ def problem_for(B, N, H, D, dtype_name, causal):
     return Problem(batch=B, seqlen_q=N, seqlen_k=N, heads_q=H, heads_kv=H, head_dim=D, head_dim_v=D,
                    dtype=np.dtype(dtype_name if dtype_name != "bfloat16" else "bfloat16"), causal=causal,
                    causal_offset=0, scale=1.0 / math.sqrt(D))
-
-
-def time_ms(fn, warmup=2, iters=7):
-    for _ in range(warmup):
-        fn()
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
 
 
 def profile():
@@ -168,15 +155,15 @@ def main():
                     del qf, kf, vf, of, gref
                     row["err"] = max(errs)
                     for label, entry in entries:
-                        ms = time_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, False, entry))
+                        ms = median_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, False, entry))
                         row[label] = flops / ms / 1e9
-                    ms = time_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, True, None))
+                    ms = median_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, True, None))
                     row["determ"] = flops / ms / 1e9
                     qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
                     backend = SDPBackend.FLASH_ATTENTION if dtype_name != "float32" else SDPBackend.EFFICIENT_ATTENTION
                     with sdpa_kernel([backend]):
                         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-                    ms = time_ms(lambda: torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True))
+                    ms = median_ms(lambda: torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True))
                     row["sdpa"] = flops / ms / 1e9
                     sref = torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True)
                     qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))

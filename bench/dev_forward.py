@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cuflash._cuda import forward, runtime  # noqa: E402
 from cuflash._problem import Problem  # noqa: E402
+from bench_attention import median_ms  # noqa: E402
 
 BF16 = np.dtype("bfloat16") if hasattr(np, "bfloat16") else None
 try:
@@ -161,19 +162,6 @@ def check(dtypes):
     return failures
 
 
-def time_ms(fn, iters=20):
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    fn()
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
-    return float(np.median(times))
-
-
 def bench(variants, dtypes=("bfloat16",), dims=(64, 128), ns=(2048, 8192)):
     try:
         import torch
@@ -201,7 +189,7 @@ def bench(variants, dtypes=("bfloat16",), dims=(64, 128), ns=(2048, 8192)):
                     for cfg in configs:
                         key = f"cuflash {cfg.block_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}b{cfg.min_blocks}r{cfg.max_regs}"
                         try:
-                            ms = time_ms(lambda: forward._launch(q, k, v, out, lse, p, cfg))
+                            ms = median_ms(lambda: forward._launch(q, k, v, out, lse, p, cfg))
                             row[key] = flops / ms / 1e9
                         except Exception as exc:
                             row[key] = f"err {str(exc)[:60]}"
