@@ -25,12 +25,13 @@ from cuflash._cuda import backward, runtime  # noqa: E402
 from cuflash._problem import Problem  # noqa: E402
 from bench_attention import median_ms  # noqa: E402
 
-C, E = backward.Config, backward.Entry
+C, E, K = backward.Config, backward.Entry, backward.KvConfig
 # (dtype kind, bucket) -> alternative entries to time beside the table's choice.
 VARIANTS = {
-    ("16bit", 64): [E(C(128, 32, 8, kk_unroll=1, min_blocks=2), C(128, 64, 8)),
-                    E(C(64, 64, 4, kk_unroll=1, min_blocks=2), C(128, 64, 8))],
-    ("16bit", 128): [E(C(128, 64, 8, kk_unroll=2), C(128, 64, 8)), E(C(128, 32, 8, kk_unroll=1), C(128, 64, 8))],
+    ("16bit", 64): [E(K(128, 64, 8, 4, 4, 2), C(128, 64, 8))],
+    ("16bit", 128): [E(K(128, 64, 8, 4, 4, 4, kk_unroll=4), C(128, 64, 8))],
+    ("float32", 64): [E(C(64, 64, 8, 2), C(64, 32, 8, 2)), E(C(128, 32, 8, 1), C(64, 32, 8, 2)),
+                      E(C(64, 64, 4, 1), C(64, 32, 8, 2))],
     ("float32", 128): [E(C(64, 32, 8, 2), C(64, 32, 8, 2))],
 }
 
@@ -44,8 +45,9 @@ def prewarm(family):
         names = ("float16", "bfloat16") if kind == "16bit" else ("float32",)
         for bucket, entry in table.items():
             for name in names:
-                jobs.append((backward.SOURCE, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 1)))
-                jobs.append((backward.SOURCE, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 0)))
+                src = backward.main_source(entry.dkdv)
+                jobs.append((src, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 1)))
+                jobs.append((src, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 0)))
                 jobs.append((backward.SOURCE, backward.KERNEL_DQ, backward.main_defines(entry.dq, bucket, name, 1, 0)))
     for name in ("float16", "bfloat16", "float32"):
         jobs.append((backward.AUX_SOURCE, backward.KERNEL_PREPROCESS, backward.aux_defines(name)))
@@ -53,7 +55,8 @@ def prewarm(family):
     for (kind, bucket), entries in VARIANTS.items():
         for entry in entries:
             for name in (("bfloat16", "float16") if kind == "16bit" else ("float32",)):
-                jobs.append((backward.SOURCE, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 1)))
+                jobs.append((backward.main_source(entry.dkdv), backward.KERNEL_DKDV,
+                             backward.main_defines(entry.dkdv, bucket, name, 0, 1)))
     t0 = time.time()
     failures = []
 
@@ -143,20 +146,21 @@ def main():
                         entries += [(f"v{i}", e)
                                     for i, e in enumerate(VARIANTS.get((backward._kind(dtype_name), bucket), []))]
                     row = {"case": f"{dtype_name} d={D} N={N} {'causal' if causal else 'full'}"}
-                    # Accuracy vs torch float32 autograd on the same inputs (one call).
-                    backward._launch(*bshd, c_lse, dq, dk, dv, prob, False, None)
+                    # Accuracy of every entry vs torch float32 autograd on the same inputs (one call each).
                     qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
                     of = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal)
-                    gref = torch.autograd.grad(of, (qf, kf, vf), do.float())
-                    errs = []
-                    for mine, ref in zip((dq, dk, dv), gref):
-                        r = cp.from_dlpack(ref.transpose(1, 2).contiguous())
-                        errs.append(float(cp.max(cp.abs(mine.astype(cp.float32) - r))))
-                    del qf, kf, vf, of, gref
-                    row["err"] = max(errs)
+                    gref = [cp.from_dlpack(g.transpose(1, 2).contiguous())
+                            for g in torch.autograd.grad(of, (qf, kf, vf), do.float())]
+                    del qf, kf, vf, of
                     for label, entry in entries:
+                        for x in (dq, dk, dv):
+                            x.fill(float("nan"))
+                        backward._launch(*bshd, c_lse, dq, dk, dv, prob, False, entry)
+                        row[label + "_err"] = max(float(cp.max(cp.abs(mine.astype(cp.float32) - r)))
+                                                  for mine, r in zip((dq, dk, dv), gref))
                         ms = median_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, False, entry))
                         row[label] = flops / ms / 1e9
+                    del gref
                     ms = median_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, True, None))
                     row["determ"] = flops / ms / 1e9
                     qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
@@ -170,7 +174,7 @@ def main():
                     of = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal)
                     gref = torch.autograd.grad(of, (qf, kf, vf), do.float())
                     row["sdpa_err"] = max(float((a.float() - b).abs().max()) for a, b in zip(sref, gref))
-                    del q, k, v, do, out, lse, bshd, dq, dk, dv, o, qs, ks, vs, qf, kf, vf, of, gref, sref
+                    del q, k, v, do, out, lse, bshd, dq, dk, dv, o, qs, ks, vs, qf, kf, vf, of, sref
                     torch.cuda.empty_cache()
                     cp.get_default_memory_pool().free_all_blocks()
                     print(row, flush=True)

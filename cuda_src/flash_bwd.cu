@@ -4,9 +4,10 @@
 //   dK_j += scale * dS_ij^T Q_i,   dQ_i += scale * dS_ij K_j,   with D_i = rowsum(dO_i o O_i).
 //
 // Two kernels share one loop, written for a warp that owns 16 rows and streams tiles of columns:
-//   ROLE 0, flash_bwd_dkdv: a CTA owns K_j, V_j (BLOCK_OWN keys) of one key/value head and streams
-//     Q_i, dO_i (BLOCK_STREAM queries) of every query head of its share of the GQA group, so dK_j and
-//     dV_j (summed over those heads) stay in registers. The warp computes the transposed tiles
+//   ROLE 0, flash_bwd_dkdv, float32 only (the 16-bit dK/dV kernel is flash_bwd_dkdv.cu): a CTA owns
+//     K_j, V_j (BLOCK_OWN keys) of one key/value head and streams Q_i, dO_i (BLOCK_STREAM queries) of
+//     every query head of its share of the GQA group, so dK_j and dV_j (summed over those heads) stay
+//     in registers. The warp computes the transposed tiles
 //     S^T = K_j Q_i^T and dP^T = V_j dO_i^T: their accumulator layout is exactly the A operand of
 //     dV += P^T dO and dK += dS^T Q, so P and dS never leave registers for those two products.
 //     With DQ_ATOMIC, dS^T also goes through shared memory for dQ_i += dS K_j, added to a float32
@@ -27,7 +28,7 @@
 // Visibility: query i sees key j iff i < Sq, j < Sk and (!causal or j <= i + causal_offset). The
 // preprocess kernel (flash_bwd_aux.cu) hands over L2_i = LSE_i * log2 e, +inf for rows that see no
 // key and for the padding rows up to a multiple of 128, so exp2(s - L2_i) = 0 there, never NaN.
-#include "common.cuh"
+#include "bwd_tiles.cuh"
 
 #if !defined(ROLE) || !defined(HEAD_DIM) || !defined(BLOCK_OWN) || !defined(BLOCK_STREAM) || !defined(NUM_WARPS) || \
     !defined(SPLIT_D) || !defined(STAGES) || !defined(MIN_BLOCKS) || !defined(KK_UNROLL) || !defined(DQ_ATOMIC) || \
@@ -94,6 +95,7 @@ constexpr int kDQPasses = (kDQUnitsPerWarp + kDQPassUnits - 1) / kDQPassUnits;
 
 static_assert(ROLE == 0 || ROLE == 1, "ROLE must be 0 (dK/dV) or 1 (dQ)");
 static_assert(ROLE == 0 || DQ_ATOMIC == 0, "DQ_ATOMIC belongs to the dK/dV kernel");
+static_assert(ROLE == 1 || kIsF32, "the 16-bit dK/dV kernel is flash_bwd_dkdv.cu");
 static_assert(kHeadDim % 32 == 0 && kHeadDim >= 32 && kHeadDim <= 256, "HEAD_DIM must be a multiple of 32 in 32..256");
 static_assert(kWarps >= 1 && kWarps <= 16, "NUM_WARPS must be in 1..16");
 static_assert(kWarps % kSplitD == 0, "NUM_WARPS must be a multiple of SPLIT_D");
@@ -109,58 +111,12 @@ static_assert((kRowBytes / 4) % 32 == 4 || (kRowBytes / 4) % 32 == 20 || (kRowBy
                   (kRowBytes / 4) % 32 == 28,
               "row stride must keep ldmatrix/tf32 fragment rows on distinct bank groups");
 
-struct Tensor {
-    const char* base;  // element (b, 0, h, 0) of the head being read
-    i64 stride_s;      // elements between consecutive sequence positions
-    i64 stride_d;      // elements between consecutive head-dim entries (1 on the vector path)
-};
+using bwd_tiles::lds_f32x2;
+using bwd_tiles::Tensor;
 
-// Loads rows [row0, row0 + ROWS) x cols [0, HEAD_DIM) of a (seq, dim) view into padded shared memory;
-// rows >= nrows and cols >= ncols become 0, which keeps tails out of every product.
-// Vector path: 16-byte cp.async with zero-fill (rows 16-byte aligned, stride_d == 1). Otherwise
-// element loads with arbitrary strides, stored synchronously.
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
-    constexpr int kChunks = ROWS * kRowChunks;
-    const char* const base = t.base;
-#pragma unroll
-    for (int c0 = 0; c0 < kChunks; c0 += kThreads) {
-        const int c = c0 + tid;
-        if (kChunks % kThreads != 0 && c >= kChunks) break;
-        const int r = c / kRowChunks;
-        const int col0 = (c % kRowChunks) * kChunkElems;
-        const int row = row0 + r;
-        const u32 dst = smem + r * kRowBytes + col0 * kElemBytes;
-        int valid = ncols - col0;
-        valid = valid < 0 ? 0 : (valid > kChunkElems ? kChunkElems : valid);
-        if (row >= nrows) valid = 0;
-        if (vec) {
-            const char* src = base + (static_cast<i64>(row) * t.stride_s + col0) * kElemBytes;
-            cp_async_16(dst, valid > 0 ? src : base, valid * kElemBytes);
-        } else {
-            u32 w[4] = {0u, 0u, 0u, 0u};
-            const char* p = base + (static_cast<i64>(row) * t.stride_s + col0 * t.stride_d) * kElemBytes;
-#pragma unroll
-            for (int e = 0; e < kChunkElems; ++e) {
-                if (e < valid) {
-#if DTYPE == 3
-                    w[e] = *reinterpret_cast<const u32*>(p + e * t.stride_d * kElemBytes);
-#else
-                    const u32 h = *reinterpret_cast<const u16*>(p + e * t.stride_d * kElemBytes);
-                    w[e / 2] |= h << (16 * (e % 2));
-#endif
-                }
-            }
-            sts_128(dst, w[0], w[1], w[2], w[3]);
-        }
-    }
-}
-
-// L2 and D of one streamed query tile: both buffers are padded to a multiple of 128 rows, so the
-// copy needs no bounds.
-__device__ __forceinline__ void load_vec(u32 smem, const float* src, int tid) {
-    constexpr int kChunks = kStream / 4;
-    for (int c = tid; c < kChunks; c += kThreads) cp_async_16(smem + c * 16, src + c * 4, 16);
+    bwd_tiles::load_tile<ROWS, kHeadDim, kElemBytes, kThreads, kRowBytes>(smem, t, row0, nrows, ncols, vec, tid);
 }
 
 #if DTYPE != 3
@@ -211,18 +167,6 @@ struct Operand {
         const u32 w = a[ct >> 1][(ct & 1) * 2 + (e >> 1)];
         return to_float<Elem>(static_cast<u16>((e & 1) ? (w >> 16) : (w & 0xffffu)));
     }
-
-    // Stores the 16 x kStream tile row-major at `row_g` (the lane's row g; row g + 8 follows).
-    __device__ __forceinline__ void store(u32 row_g, u32 row_bytes, int lane) const {
-        const int t = lane & 3;
-#pragma unroll
-        for (int ct = 0; ct < kColTiles; ++ct) {
-            const u32 addr = row_g + (ct * 8 + 2 * t) * kElemBytes;
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(a[ct >> 1][(ct & 1) * 2]) : "memory");
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr + 8 * row_bytes), "r"(a[ct >> 1][(ct & 1) * 2 + 1])
-                         : "memory");
-        }
-    }
 };
 
 // acc[n] += X_w B[:, col0 + n] with X_w (16 x kStream) in registers as an Operand; B is row-major
@@ -239,31 +183,6 @@ __device__ __forceinline__ void product_regs_by_tile(float (&acc)[kAccTiles][4],
             const u32 b1[2] = {b[2], b[3]};
             mma_m16n8k16<Elem>(acc[2 * dp], x.a[kk], b0);
             mma_m16n8k16<Elem>(acc[2 * dp + 1], x.a[kk], b1);
-        }
-    }
-}
-
-// acc[u] += sum_key dS^T[key][m] K[key][unit u's 16 columns] for 16 queries m: the staged dS^T is
-// [key][query], so ldmatrix.trans gives the A fragments of dS; K_j is [key][dim], ldmatrix.trans
-// gives B. sDS points at query column m0; unit u of this pass covers dim columns 16 * unit_of(u).
-template <typename UnitOf>
-__device__ __forceinline__ void product_dq(float (&acc)[kDQPassUnits][2][4], u32 sDS, u32 sK, UnitOf unit_of, int lane) {
-    const u32 a_lane = sDS + ((lane & 7) + (lane >> 4) * 8) * kDSRowBytes + ((lane >> 3) & 1) * 16;
-    const u32 b_lane = sK + ((lane & 7) + ((lane >> 3) & 1) * 8) * kRowBytes + (lane >> 4) * 16;
-#pragma unroll
-    for (int kk = 0; kk < kOwn / 16; ++kk) {
-        u32 a[4];
-        ldmatrix_x4_trans(a, a_lane + kk * 16 * kDSRowBytes);
-#pragma unroll
-        for (int u = 0; u < kDQPassUnits; ++u) {
-            const int unit = unit_of(u);
-            if (unit >= kDQUnits) continue;
-            u32 b[4];
-            ldmatrix_x4_trans(b, b_lane + kk * 16 * kRowBytes + unit * 32);
-            const u32 b0[2] = {b[0], b[1]};
-            const u32 b1[2] = {b[2], b[3]};
-            mma_m16n8k16<Elem>(acc[u][0], a, b0);
-            mma_m16n8k16<Elem>(acc[u][1], a, b1);
         }
     }
 }
@@ -415,34 +334,6 @@ __device__ __forceinline__ void product_dq(float (&acc)[kDQPassUnits][2][4], u32
 
 #endif
 
-// Adds one 16x16 unit of dQ (accumulator layout, two n8 halves) into the float32 workspace, whose
-// rows are kHeadDim apart. On sm_90 two quad neighbours swap pairs so each lane adds 4 consecutive
-// columns with one vector reduction, 4x fewer atomic operations than scalar adds.
-__device__ __forceinline__ void add_dq_unit(float* rows, const float (&acc)[2][4], int lane) {
-    const int g = lane >> 2, t = lane & 3;
-#if __CUDA_ARCH__ >= 900
-    const bool even = (t & 1) == 0;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        // Even t keeps row g and takes its neighbour's row-g pair; odd t keeps row g + 8.
-        const float send0 = even ? acc[half][2] : acc[half][0];
-        const float send1 = even ? acc[half][3] : acc[half][1];
-        const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
-        const float got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-        const float x0 = even ? acc[half][0] : got0, x1 = even ? acc[half][1] : got1;
-        const float x2 = even ? got0 : acc[half][2], x3 = even ? got1 : acc[half][3];
-        float* const p = rows + static_cast<i64>(even ? g : g + 8) * kHeadDim + half * 8 + 2 * (t & 2);
-        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(x0), "f"(x1), "f"(x2), "f"(x3)
-                     : "memory");
-    }
-#else
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-        atomicAdd(rows + static_cast<i64>(g + ((e >> 1) & 1) * 8) * kHeadDim + (e >> 2) * 8 + 2 * t + (e & 1),
-                  acc[e >> 2][e & 3]);
-#endif
-}
-
 __device__ __forceinline__ void zero(float (&x)[kColTiles][4]) {
 #pragma unroll
     for (int i = 0; i < kColTiles; ++i)
@@ -455,12 +346,6 @@ __device__ __forceinline__ void zero_acc(float (&x)[kAccTiles][4]) {
     for (int i = 0; i < kAccTiles; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) x[i][e] = 0.f;
-}
-
-__device__ __forceinline__ float2 lds_f32x2(u32 addr) {
-    float2 v;
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
-    return v;
 }
 
 // Writes mul * acc (this warp's 16 rows x kAccCols columns from col0) to a (seq, dim) view, in the
@@ -521,10 +406,7 @@ using namespace cuflash;
 using namespace cuflash::bwd;
 
 #if ROLE == 0
-// Grid: blockIdx.x = ((b * Hkv + h_kv) * splits + split) * n_tiles + key tile, so B*H is not bound by
-// gridDim.y/z limits and the CTAs of one head (sharing its Q and dO in L2) run together.
-// A CTA covers query heads [h_kv * group + split * heads_per_split, ...) of its group. With
-// f32_out its partial sums of dK (already scaled) and dV go to a float32 workspace indexed by
+// Grid and work of a CTA: bwd_tiles::kv_work. With f32_out its partial sums of dK (already scaled) and dV go to a float32 workspace indexed by
 // split, summed later in a fixed order; otherwise straight to dk and dv. Strides are in elements.
 extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
 flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
@@ -545,30 +427,16 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     const int g = lane >> 2, t = lane & 3;
     const int rg = warp % kRowGroups, ds = warp / kRowGroups;
 
-    const int tile = static_cast<int>(blockIdx.x % n_tiles);
-    i64 rest = blockIdx.x / n_tiles;
-    const int split = static_cast<int>(rest % splits);
-    rest /= splits;
-    const int h_kv = static_cast<int>(rest % heads_kv);
-    const i64 b = rest / heads_kv;
-    const int key0 = tile * kOwn;
-    const int h_begin = h_kv * group + split * heads_per_split;
-    const int h_stop = h_kv * group + group;
-    const int h_end = h_begin + heads_per_split < h_stop ? h_begin + heads_per_split : h_stop;
+    const bwd_tiles::KvWork work = bwd_tiles::kv_work<kOwn, kStream>(n_tiles, splits, heads_kv, group,
+                                                                      heads_per_split, causal, causal_offset, seqlen_q);
+    const i64 b = work.b;
+    const int split = work.split, h_kv = work.h_kv, key0 = work.key0, h_begin = work.h_begin;
+    const int m_begin = work.m_begin, per_head = work.m_end - work.m_begin, n_iter = work.n_iter;
 
     const bool vec = vec_in != 0;
     const Tensor tk{static_cast<const char*>(k) + (b * k_sb + h_kv * k_sh) * kElemBytes, k_ss, k_sd};
     const Tensor tv{static_cast<const char*>(v) + (b * v_sb + h_kv * v_sh) * kElemBytes, v_ss, v_sd};
 
-    // Query tiles that can see a key of K_j: all, or from the first query whose diagonal reaches key0.
-    int m_begin = 0;
-    if (causal) {
-        const i64 first_query = static_cast<i64>(key0) - causal_offset;
-        m_begin = first_query <= 0 ? 0 : (first_query >= seqlen_q ? seqlen_q : static_cast<int>(first_query)) / kStream;
-    }
-    const int m_end = (seqlen_q + kStream - 1) / kStream;
-    const int per_head = m_end > m_begin ? m_end - m_begin : 0;
-    const int n_iter = per_head * (h_end > h_begin ? h_end - h_begin : 0);
     // Tiles needing no mask: K_j inside Sk and, when causal, every key of K_j visible to query i0.
     const bool key_tail = key0 + kOwn > seqlen_k;
 
@@ -581,8 +449,8 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         load_tile<kStream>(s_base + kOffStreamA + stage * kStreamTileBytes, tq, i0, seqlen_q, head_dim, vec, tid);
         load_tile<kStream>(s_base + kOffStreamB + stage * kStreamTileBytes, tdo, i0, seqlen_q, head_dim_v, vec, tid);
         const i64 vec_off = (b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0;
-        load_vec(s_base + kOffL2 + stage * kVecBytes, l2 + vec_off, tid);
-        load_vec(s_base + kOffD + stage * kVecBytes, dsum + vec_off, tid);
+        bwd_tiles::load_vec<kStream, kThreads>(s_base + kOffL2 + stage * kVecBytes, l2 + vec_off, tid);
+        bwd_tiles::load_vec<kStream, kThreads>(s_base + kOffD + stage * kVecBytes, dsum + vec_off, tid);
     };
 
     load_tile<kOwn>(sK, tk, key0, seqlen_k, head_dim, vec, tid);
@@ -618,7 +486,7 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
             product_dq(acc_dq, sDS, sK, unit_of, lane);
 #pragma unroll
             for (int u = 0; u < kDQPassUnits; ++u)
-                if (unit_of(u) < kDQUnits) add_dq_unit(dq_rows + unit_of(u) * 16, acc_dq[u], lane);
+                if (unit_of(u) < kDQUnits) bwd_tiles::add_dq_block<kHeadDim>(dq_rows + unit_of(u) * 16, acc_dq[u][0], acc_dq[u][1], lane);
         }
     };
 

@@ -37,9 +37,10 @@ def _forward_cases():
 
 
 def _backward_cases():
-    """Every backward instantiation, for both architecture families."""
+    """(source, kernel, defines, arch): each family's backward instantiations for its architectures."""
     return [(source, name, defines, arch)
-            for source, name, defines in backward.instantiations() for arch in ("sm_80", "sm_90a")]
+            for family, archs in backward.FAMILY_ARCHS.items()
+            for source, name, defines in backward.instantiations(family) for arch in archs]
 
 
 def _compile(case):

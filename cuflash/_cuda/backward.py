@@ -1,4 +1,6 @@
-"""Launcher of the backward kernels ``cuda_src/flash_bwd.cu`` and ``cuda_src/flash_bwd_aux.cu``.
+"""Launcher of the backward kernels ``cuda_src/flash_bwd_dkdv.cu`` (float16/bfloat16 dK/dV),
+``cuda_src/flash_bwd.cu`` (float32 dK/dV and the deterministic dQ kernel) and
+``cuda_src/flash_bwd_aux.cu``.
 
 The backward runs as up to four launches on CuPy's current stream:
 
@@ -6,7 +8,9 @@ The backward runs as up to four launches on CuPy's current stream:
    padded to a multiple of 128 rows; +inf where LSE = −inf so fully masked rows give P = 0).
 2. ``flash_bwd_dkdv``: one CTA per key tile K_j, V_j of a key/value head, streaming Q_i, dO_i of
    the query heads that share it; dK and dV stay in registers. By default (``deterministic=False``)
-   it also adds dQ = dS K_j into a float32 workspace with atomics.
+   it also adds dQ = dS K_j into a float32 workspace with atomics. The 16-bit kernel passes P and
+   dS through shared memory between warp tiles of 32 rows (``KvConfig``); the float32 one keeps
+   them in registers of warps that own 16 keys (``Config``).
 3. ``flash_bwd_dq`` (``deterministic=True`` only): one CTA per query tile, looping over key tiles
    and accumulating dQ in registers, so dq is bitwise reproducible. It recomputes S and dP: the
    backward then does 7 tile products instead of 5, about 1.4× the tensor-core work of the atomic path.
@@ -28,6 +32,7 @@ from . import runtime
 from .runtime import element_strides, vector_loadable
 
 SOURCE = "flash_bwd.cu"
+DKDV16_SOURCE = "flash_bwd_dkdv.cu"
 AUX_SOURCE = "flash_bwd_aux.cu"
 KERNEL_DKDV = "flash_bwd_dkdv"
 KERNEL_DQ = "flash_bwd_dq"
@@ -44,9 +49,9 @@ _ROW_PAD = 128
 
 @dataclass(frozen=True)
 class Config:
-    """One main-kernel configuration: the CTA owns ``block_own`` rows (keys for dK/dV, queries for
-    dQ) and streams tiles of ``block_stream`` rows; ``split_d`` warps share each 16-row group, each
-    accumulating head_dim / split_d columns."""
+    """A configuration of ``flash_bwd.cu`` (the float32 dK/dV kernel and the dQ kernel): the CTA
+    owns ``block_own`` rows (keys for dK/dV, queries for dQ) and streams tiles of ``block_stream``
+    rows; ``split_d`` warps share each 16-row group, each accumulating head_dim / split_d columns."""
 
     block_own: int
     block_stream: int
@@ -68,35 +73,64 @@ class Config:
 
 
 @dataclass(frozen=True)
+class KvConfig:
+    """A configuration of the 16-bit dK/dV kernel (``flash_bwd_dkdv.cu``): the CTA owns ``block_n``
+    keys and streams tiles of ``block_m`` queries. The three products are cut into warp tiles with
+    ``warps_n_sdp`` warps along the keys for S and dP, ``warps_n_dkv`` along the keys for dK and dV
+    and ``warps_m_dq`` along the queries for dQ (the other warps along the other dimension)."""
+
+    block_n: int
+    block_m: int
+    warps: int
+    warps_n_sdp: int
+    warps_n_dkv: int
+    warps_m_dq: int
+    stages: int = 2
+    min_blocks: int = 1
+    kk_unroll: int = 0  # unroll of the k16 loop of S and dP (0: full)
+    dq_unroll: int = 0  # unroll of the k16 loop of dQ (0: full)
+
+    @property
+    def block_own(self):
+        return self.block_n
+
+    def smem_bytes(self, bucket, elem_bytes, dkdv, dq_atomic):
+        """Dynamic shared memory, mirroring the layout in ``flash_bwd_dkdv.cu``."""
+        row = bucket * 2 + 16
+        return (2 * self.block_n * row + self.stages * self.block_m * (2 * row + 8)
+                + 2 * self.block_n * (self.block_m * 2 + 16))
+
+
+@dataclass(frozen=True)
 class Entry:
     dkdv: Config
     dq: Config
 
 
-_C = Config
+_C, _K = Config, KvConfig
 # (family, "16bit" | "float32") -> {head-dim bucket: Entry}. sm90 entries fit 227 KiB of shared
 # memory per CTA; sm80-family entries fit the 99 KiB of sm_86/sm_89 (and so the A100's 163 KiB),
 # except the atomic dK/dV variant of float32 at d = 256, which there falls back to the dQ kernel.
 CONFIGS = {
     ("sm90", "16bit"): {
-        32: Entry(_C(128, 32, 8, kk_unroll=2, min_blocks=2), _C(128, 64, 8)),
-        64: Entry(_C(128, 32, 8, kk_unroll=2, min_blocks=2), _C(128, 64, 8)),
-        96: Entry(_C(128, 64, 8, kk_unroll=2), _C(128, 64, 8)),
-        128: Entry(_C(128, 64, 8, kk_unroll=2), _C(128, 64, 8)),
-        160: Entry(_C(64, 32, 8, 2, kk_unroll=2), _C(64, 64, 8, 2)),
-        192: Entry(_C(64, 32, 8, 2, kk_unroll=2), _C(64, 64, 8, 2)),
-        224: Entry(_C(64, 32, 8, 2, kk_unroll=2), _C(64, 64, 8, 2)),
-        256: Entry(_C(64, 32, 8, 2, kk_unroll=2), _C(64, 64, 8, 2)),
+        32: Entry(_K(128, 128, 8, 4, 4, 4), _C(128, 64, 8)),
+        64: Entry(_K(128, 128, 8, 4, 4, 4, kk_unroll=1), _C(128, 64, 8)),
+        96: Entry(_K(128, 64, 8, 4, 4, 4), _C(128, 64, 8)),
+        128: Entry(_K(128, 64, 8, 4, 4, 2), _C(128, 64, 8)),
+        160: Entry(_K(64, 64, 8, 4, 4, 4), _C(64, 64, 8, 2)),
+        192: Entry(_K(64, 64, 8, 4, 4, 4), _C(64, 64, 8, 2)),
+        224: Entry(_K(64, 64, 8, 4, 4, 4), _C(64, 64, 8, 2)),
+        256: Entry(_K(64, 64, 8, 4, 4, 4), _C(64, 64, 8, 2)),
     },
     ("sm80", "16bit"): {
-        32: Entry(_C(64, 64, 4, kk_unroll=2), _C(128, 64, 8)),
-        64: Entry(_C(64, 64, 4, kk_unroll=2), _C(128, 64, 8)),
-        96: Entry(_C(64, 64, 4, kk_unroll=2), _C(64, 64, 4)),
-        128: Entry(_C(64, 32, 4, kk_unroll=2), _C(64, 32, 4)),
-        160: Entry(_C(32, 16, 4, 2, kk_unroll=2), _C(32, 16, 4, 2)),
-        192: Entry(_C(32, 16, 4, 2, kk_unroll=2), _C(32, 16, 4, 2)),
-        224: Entry(_C(32, 16, 4, 2, kk_unroll=2), _C(32, 16, 4, 2)),
-        256: Entry(_C(32, 16, 4, 2, kk_unroll=2), _C(32, 16, 4, 2)),
+        32: Entry(_K(64, 64, 4, 2, 2, 2), _C(128, 64, 8)),
+        64: Entry(_K(64, 64, 4, 2, 2, 2), _C(128, 64, 8)),
+        96: Entry(_K(64, 32, 4, 2, 2, 2), _C(64, 64, 4)),
+        128: Entry(_K(64, 32, 8, 4, 4, 2), _C(64, 32, 4)),
+        160: Entry(_K(32, 32, 4, 2, 2, 2), _C(32, 16, 4, 2)),
+        192: Entry(_K(32, 32, 4, 2, 2, 2), _C(32, 16, 4, 2)),
+        224: Entry(_K(32, 32, 4, 2, 2, 2), _C(32, 16, 4, 2)),
+        256: Entry(_K(32, 32, 4, 2, 2, 2, stages=1), _C(32, 16, 4, 2)),
     },
     ("sm90", "float32"): {
         32: Entry(_C(64, 32, 8, 2), _C(64, 32, 8, 2)),
@@ -138,8 +172,28 @@ def _kind(dtype_name):
     return "float32" if dtype_name == "float32" else "16bit"
 
 
+def main_source(config):
+    return DKDV16_SOURCE if isinstance(config, KvConfig) else SOURCE
+
+
 def main_defines(config, bucket, dtype_name, role, dq_atomic):
     """The ``#define`` block of one main-kernel instantiation (role 0: dK/dV, 1: dQ)."""
+    if isinstance(config, KvConfig):
+        return {
+            "HEAD_DIM": bucket,
+            "BLOCK_N": config.block_n,
+            "BLOCK_M": config.block_m,
+            "NUM_WARPS": config.warps,
+            "WARPS_N_SDP": config.warps_n_sdp,
+            "WARPS_N_DKV": config.warps_n_dkv,
+            "WARPS_M_DQ": config.warps_m_dq,
+            "STAGES": config.stages,
+            "MIN_BLOCKS": config.min_blocks,
+            "KK_UNROLL": config.kk_unroll or bucket // 16,
+            "DQ_UNROLL": config.dq_unroll or config.block_n // 16,
+            "DQ_ATOMIC": int(dq_atomic),
+            "DTYPE": _DTYPE_CODES[dtype_name],
+        }
     return {
         "ROLE": role,
         "HEAD_DIM": bucket,
@@ -159,25 +213,33 @@ def aux_defines(dtype_name):
     return {"DTYPE": _DTYPE_CODES[dtype_name]}
 
 
-def instantiations():
-    """Every ``(source, kernel name, defines)`` the launcher can choose, for the compile gate."""
+def instantiations(family=None):
+    """Every ``(source, kernel name, defines)`` the launcher can choose (on ``family`` only, if
+    given), for the compile gate. An entry of the "sm90" family runs only on compute capability 9.x."""
     seen = []
 
     def add(entry):
         if entry not in seen:
             seen.append(entry)
 
-    for (_fam, kind), table in CONFIGS.items():
+    for (fam, kind), table in CONFIGS.items():
+        if family is not None and fam != family:
+            continue
         names = ("float16", "bfloat16") if kind == "16bit" else ("float32",)
         for bucket, entry in table.items():
             for name in names:
-                add((SOURCE, KERNEL_DKDV, main_defines(entry.dkdv, bucket, name, 0, True)))
-                add((SOURCE, KERNEL_DKDV, main_defines(entry.dkdv, bucket, name, 0, False)))
+                src = main_source(entry.dkdv)
+                add((src, KERNEL_DKDV, main_defines(entry.dkdv, bucket, name, 0, True)))
+                add((src, KERNEL_DKDV, main_defines(entry.dkdv, bucket, name, 0, False)))
                 add((SOURCE, KERNEL_DQ, main_defines(entry.dq, bucket, name, 1, False)))
     for name in _DTYPE_CODES:
         add((AUX_SOURCE, KERNEL_PREPROCESS, aux_defines(name)))
         add((AUX_SOURCE, KERNEL_CONVERT, aux_defines(name)))
     return seen
+
+
+# The architectures the compile gate builds each family for (as in forward.py).
+FAMILY_ARCHS = {"sm80": ("sm_80",), "sm90": ("sm_90a",)}
 
 
 def choose_entry(problem, device_id=None):
@@ -278,7 +340,7 @@ def _launch(dout, q, k, v, out, lse, dq, dk, dv, problem, deterministic, entry):
         if grid > _MAX_GRID_X:
             raise ValueError(f"batch * heads_kv * ceil(seqlen_k / {cfg.block_own}) = {grid} exceeds the CUDA grid limit")
         if grid:
-            kernel = runtime.get_kernel(SOURCE, KERNEL_DKDV, main_defines(cfg, bucket, name, 0, dq_atomic))
+            kernel = runtime.get_kernel(main_source(cfg), KERNEL_DKDV, main_defines(cfg, bucket, name, 0, dq_atomic))
             runtime.launch(kernel, (grid, 1, 1), (cfg.warps * 32, 1, 1), (
                 q, k, v, dout, l2, dsum, dq_accum if dq_atomic else l2, dk_out, dv_out,
                 *element_strides(q), *element_strides(k), *element_strides(v), *element_strides(dout),
