@@ -80,25 +80,28 @@ flash_bwd_preprocess(const void* __restrict__ out, const void* __restrict__ dout
     }
 }
 
-// One thread per output element (b, s, h, c), c fastest so the float32 reads coalesce:
-// dst[b, s, h, c] = scale * sum_split src[split * split_stride + (b * H + h) * src_sh + s * src_ss + c].
+// One warp per row (b, h, s) of the workspace, lanes along c, so the float32 reads coalesce and
+// the index arithmetic is paid once per row: dst[b, s, h, c] = scale * sum_split
+// src[split * split_stride + (b * H + h) * src_sh + s * src_ss + c] for c < dim.
 extern "C" __global__ void __launch_bounds__(256)
 flash_bwd_convert(const float* __restrict__ src, i64 split_stride, i64 src_sh, i64 src_ss, int splits,
                   void* __restrict__ dst, i64 d_sb, i64 d_ss, i64 d_sh, i64 d_sd, int heads, int seqlen, int dim,
-                  float scale, i64 total) {
-    for (i64 idx = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-         idx += static_cast<i64>(gridDim.x) * blockDim.x) {
-        i64 rest = idx / dim;
-        const int c = static_cast<int>(idx - rest * dim);
-        const int s = static_cast<int>(rest % seqlen);
-        rest /= seqlen;
-        const int h = static_cast<int>(rest % heads);
-        const i64 b = rest / heads;
-        const float* p = src + (b * heads + h) * src_sh + static_cast<i64>(s) * src_ss + c;
-        float acc = 0.f;
-        for (int sp = 0; sp < splits; ++sp) acc += p[sp * split_stride];
-        store_elem(static_cast<char*>(dst) + (b * d_sb + static_cast<i64>(s) * d_ss + static_cast<i64>(h) * d_sh +
-                                              static_cast<i64>(c) * d_sd) * kElemBytes,
-                   scale * acc);
+                  float scale, i64 rows) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = static_cast<i64>(gridDim.x) * (blockDim.x >> 5);
+    for (i64 row = static_cast<i64>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows;
+         row += warps) {
+        const int s = static_cast<int>(row % seqlen);
+        const i64 bh = row / seqlen;
+        const int h = static_cast<int>(bh % heads);
+        const i64 b = bh / heads;
+        const float* p = src + bh * src_sh + static_cast<i64>(s) * src_ss;
+        char* const q =
+            static_cast<char*>(dst) + (b * d_sb + static_cast<i64>(s) * d_ss + static_cast<i64>(h) * d_sh) * kElemBytes;
+        for (int c = lane; c < dim; c += 32) {
+            float acc = 0.f;
+            for (int sp = 0; sp < splits; ++sp) acc += p[sp * split_stride + c];
+            store_elem(q + static_cast<i64>(c) * d_sd * kElemBytes, scale * acc);
+        }
     }
 }

@@ -133,13 +133,13 @@ CONFIGS = {
         256: Entry(_K(32, 32, 4, 2, 2, 2, stages=1), _C(32, 16, 4, 2)),
     },
     ("sm90", "float32"): {
-        32: Entry(_C(64, 32, 8, 2), _C(64, 32, 8, 2)),
-        64: Entry(_C(64, 32, 8, 2), _C(64, 32, 8, 2)),
-        96: Entry(_C(64, 32, 8, 2), _C(64, 32, 8, 2)),
-        128: Entry(_C(64, 16, 8, 2), _C(64, 32, 8, 2)),
-        160: Entry(_C(32, 16, 8, 4), _C(32, 16, 8, 4)),
-        192: Entry(_C(32, 16, 8, 4), _C(32, 16, 8, 4)),
-        224: Entry(_C(32, 16, 8, 4), _C(32, 16, 8, 4)),
+        32: Entry(_C(128, 32, 8), _C(64, 32, 8, 2)),
+        64: Entry(_C(128, 32, 8), _C(64, 32, 8, 2)),
+        96: Entry(_C(128, 32, 8), _C(64, 32, 8, 2)),
+        128: Entry(_C(128, 16, 8), _C(64, 32, 8, 2)),
+        160: Entry(_C(64, 16, 8, 2), _C(32, 16, 8, 4)),
+        192: Entry(_C(64, 16, 8, 2), _C(32, 16, 8, 4)),
+        224: Entry(_C(64, 16, 8, 2), _C(32, 16, 8, 4)),
         256: Entry(_C(32, 16, 8, 4), _C(32, 16, 8, 4)),
     },
     ("sm80", "float32"): {
@@ -374,13 +374,13 @@ def _launch(dout, q, k, v, out, lse, dq, dk, dv, problem, deterministic, entry):
 def _convert(aux, src, splits, src_sh, src_ss, dst, heads, seqlen, dim, scale, sm_count):
     """dst (B, S, H, dim), any strides = scale · Σ_split src[split]; src float32, each split
     (B, H, S, ≥dim) with ``src_sh`` elements per head and ``src_ss`` per row."""
-    total = dst.size
-    if total == 0:
+    rows = dst.size // dim if dim else 0
+    if rows == 0:
         return
     split_stride = src.size // splits
     kernel = runtime.get_kernel(AUX_SOURCE, KERNEL_CONVERT, aux)
-    blocks = min(math.ceil(total / 256), sm_count * 16)
+    blocks = min(math.ceil(rows / 8), sm_count * 16)  # 8 warps of 256 threads, one row each
     i32, i64 = numpy.int32, numpy.int64
     runtime.launch(kernel, (blocks, 1, 1), (256, 1, 1), (
         src, i64(split_stride), i64(src_sh), i64(src_ss), i32(splits), dst, *element_strides(dst), i32(heads),
-        i32(seqlen), i32(dim), numpy.float32(scale), i64(total)))
+        i32(seqlen), i32(dim), numpy.float32(scale), i64(rows)))
