@@ -6,8 +6,8 @@
 // (Q_i, dO_i, L2_i, D_i) of every query head of its share of the GQA group, the next tile loading
 // during the current one (STAGES 2) or after it (STAGES 1, where shared memory is small).
 // Each tile pair runs in two phases separated by a barrier, each with its own cut of the work into
-// warp tiles, so that every warp tile is 32 rows (or more) by 16 columns (or more) and each loaded
-// fragment feeds two or more mma:
+// warp tiles (32 rows where the accumulators leave room, as at d <= 128, so that each loaded
+// fragment feeds two or more mma; 16 rows for the largest head dims):
 //   phase 1  S^T = K_j Q_i^T and dP^T = V_j dO_i^T, cut WARPS_N_SDP (keys) x rest (queries); the warp
 //            turns its part into P^T and dS^T (from the float32 P) and stores both, 16-bit, in
 //            shared memory [key][query];
