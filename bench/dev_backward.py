@@ -30,7 +30,8 @@ C, E, K = backward.Config, backward.Entry, backward.KvConfig
 VARIANTS = {
     ("16bit", 64): [E(K(128, 64, 8, 4, 4, 2), C(128, 64, 8))],
     ("16bit", 128): [E(K(128, 64, 8, 4, 4, 4, kk_unroll=4), C(128, 64, 8))],
-    ("float32", 128): [E(C(64, 32, 8, 2), C(64, 32, 8, 2))],
+    ("float32", 64): [E(C(128, 32, 8), C(64, 32, 8, 2))],
+    ("float32", 128): [E(C(128, 16, 8), C(64, 32, 8, 2)), E(C(128, 16, 8, split_stream=True), C(64, 32, 8, 2))],
 }
 
 

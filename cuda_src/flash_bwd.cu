@@ -23,6 +23,7 @@
 //   STAGES       streamed tiles in flight (2 = double buffering)   MIN_BLOCKS  for __launch_bounds__
 //   KK_UNROLL    unroll of the k16 loop of the S and dP products (registers against latency hiding)
 //   DQ_ATOMIC    ROLE 0 only: also accumulate dQ with atomics
+//   SPLIT_STREAM ROLE 0 float32 only: split each streamed tile once into tf32 planes
 //   DTYPE        1 float16, 2 bfloat16 (mma.m16n8k16), 3 float32 (3xTF32 mma.m16n8k8)
 //
 // Visibility: query i sees key j iff i < Sq, j < Sk and (!causal or j <= i + causal_offset). The
@@ -32,8 +33,8 @@
 
 #if !defined(ROLE) || !defined(HEAD_DIM) || !defined(BLOCK_OWN) || !defined(BLOCK_STREAM) || !defined(NUM_WARPS) || \
     !defined(SPLIT_D) || !defined(STAGES) || !defined(MIN_BLOCKS) || !defined(KK_UNROLL) || !defined(DQ_ATOMIC) || \
-    !defined(DTYPE)
-#error "flash_bwd.cu needs ROLE, HEAD_DIM, BLOCK_OWN, BLOCK_STREAM, NUM_WARPS, SPLIT_D, STAGES, MIN_BLOCKS, KK_UNROLL, DQ_ATOMIC, DTYPE"
+    !defined(SPLIT_STREAM) || !defined(DTYPE)
+#error "flash_bwd.cu needs ROLE, HEAD_DIM, BLOCK_OWN, BLOCK_STREAM, NUM_WARPS, SPLIT_D, STAGES, MIN_BLOCKS, KK_UNROLL, DQ_ATOMIC, SPLIT_STREAM, DTYPE"
 #endif
 
 namespace cuflash {
@@ -52,6 +53,9 @@ using Elem = float;
 constexpr bool kIsF32 = DTYPE == 3;
 constexpr bool kKeyRows = ROLE == 0;  // rows are keys (dK/dV kernel) or queries (dQ kernel)
 constexpr bool kDQAtomic = ROLE == 0 && DQ_ATOMIC != 0;
+// float32: each streamed tile is split once, right after it lands, into big and small tf32 planes
+// (the second kStreamTileBytes after the first), instead of by every warp at every fragment load.
+constexpr bool kSplitStream = SPLIT_STREAM != 0;
 constexpr int kHeadDim = HEAD_DIM;
 constexpr int kOwn = BLOCK_OWN;
 constexpr int kStream = BLOCK_STREAM;
@@ -71,15 +75,17 @@ constexpr int kRowChunks = kHeadDim / kChunkElems;
 constexpr int kRowBytes = (kHeadDim + kChunkElems) * kElemBytes;
 constexpr int kOwnTileBytes = kOwn * kRowBytes;
 constexpr int kStreamTileBytes = kStream * kRowBytes;
+constexpr int kStreamStride = (kSplitStream ? 2 : 1) * kStreamTileBytes;  // one streamed tile with its planes
 constexpr int kVecBytes = kKeyRows ? kStream * 4 : 0;  // L2 or D of one streamed query tile
 constexpr int kDSRowBytes = kStream * kElemBytes + 16;  // dS^T staging row (padded like the tiles)
 constexpr int kDSBytes = kDQAtomic ? kOwn * kDSRowBytes : 0;  // one of two dS^T buffers
 // Shared memory: owned A (K_j | Q_i), owned B (V_j | dO_i), kStages streamed A tiles, kStages
-// streamed B tiles, kStages L2 vectors, kStages D vectors, two dS^T buffers.
+// streamed B tiles (each followed by its small plane with SPLIT_STREAM), kStages L2 vectors,
+// kStages D vectors, two dS^T buffers.
 constexpr int kOffOwnB = kOwnTileBytes;
 constexpr int kOffStreamA = 2 * kOwnTileBytes;
-constexpr int kOffStreamB = kOffStreamA + kStages * kStreamTileBytes;
-constexpr int kOffL2 = kOffStreamB + kStages * kStreamTileBytes;
+constexpr int kOffStreamB = kOffStreamA + kStages * kStreamStride;
+constexpr int kOffL2 = kOffStreamB + kStages * kStreamStride;
 constexpr int kOffD = kOffL2 + kStages * kVecBytes;
 constexpr int kOffDS = kOffD + kStages * kVecBytes;
 constexpr int kSmemBytes = kOffDS + 2 * kDSBytes;
@@ -96,6 +102,7 @@ constexpr int kDQPasses = (kDQUnitsPerWarp + kDQPassUnits - 1) / kDQPassUnits;
 static_assert(ROLE == 0 || ROLE == 1, "ROLE must be 0 (dK/dV) or 1 (dQ)");
 static_assert(ROLE == 0 || DQ_ATOMIC == 0, "DQ_ATOMIC belongs to the dK/dV kernel");
 static_assert(ROLE == 1 || kIsF32, "the 16-bit dK/dV kernel is flash_bwd_dkdv.cu");
+static_assert(!kSplitStream || (kIsF32 && ROLE == 0), "SPLIT_STREAM belongs to the float32 dK/dV kernel");
 static_assert(kHeadDim % 32 == 0 && kHeadDim >= 32 && kHeadDim <= 256, "HEAD_DIM must be a multiple of 32 in 32..256");
 static_assert(kWarps >= 1 && kWarps <= 16, "NUM_WARPS must be in 1..16");
 static_assert(kWarps % kSplitD == 0, "NUM_WARPS must be a multiple of SPLIT_D");
@@ -117,6 +124,25 @@ using bwd_tiles::Tensor;
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
     bwd_tiles::load_tile<ROWS, kHeadDim, kElemBytes, kThreads, kRowBytes>(smem, t, row0, nrows, ncols, vec, tid);
+}
+
+// SPLIT_STREAM: rewrites a streamed tile as its big tf32 plane and writes the small plane
+// kStreamTileBytes further. Each thread takes the 16-byte chunks it loaded itself (chunk tid + j *
+// kThreads, as bwd_tiles::load_tile assigns them), so only its own cp.async wait is needed first.
+__device__ __forceinline__ void split_stream_tile(u32 tile, int tid) {
+    constexpr int kChunks = kStream * kRowChunks;
+#pragma unroll 1
+    for (int c0 = 0; c0 < kChunks; c0 += kThreads) {
+        const int c = c0 + tid;
+        if (kChunks % kThreads != 0 && c >= kChunks) break;
+        const u32 addr = tile + (c / kRowChunks) * kRowBytes + (c % kRowChunks) * 16;
+        u32 x[4], big[4], small[4];
+        lds_128(addr, x[0], x[1], x[2], x[3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) split_tf32(__uint_as_float(x[e]), big[e], small[e]);
+        sts_128(addr, big[0], big[1], big[2], big[3]);
+        sts_128(addr + kStreamTileBytes, small[0], small[1], small[2], small[3]);
+    }
 }
 
 #if DTYPE != 3
@@ -227,14 +253,26 @@ __device__ __forceinline__ void product_rows_by_rows(float (&acc)[kColTiles][4],
             for (int i = 0; i < 4; ++i) split_tf32(__uint_as_float(a[i]), a_big[i], a_small[i]);
 #pragma unroll
             for (int np = 0; np < kColTiles / 2; ++np) {
+                const u32 ba = b_lane + np * 16 * kRowBytes + kk * 32;
                 u32 b[4];
-                ldmatrix_x4(b, b_lane + np * 16 * kRowBytes + kk * 32);
+                ldmatrix_x4(b, ba);
+                if constexpr (kSplitStream) {
+                    u32 bs[4];
+                    ldmatrix_x4(bs, ba + kStreamTileBytes);
 #pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    u32 b_big[2], b_small[2];
-                    split_tf32(__uint_as_float(b[2 * half]), b_big[0], b_small[0]);
-                    split_tf32(__uint_as_float(b[2 * half + 1]), b_big[1], b_small[1]);
-                    mma_3xtf32(part[2 * np + half], a_big, a_small, b_big, b_small);
+                    for (int half = 0; half < 2; ++half) {
+                        const u32 b_big[2] = {b[2 * half], b[2 * half + 1]};
+                        const u32 b_small[2] = {bs[2 * half], bs[2 * half + 1]};
+                        mma_3xtf32(part[2 * np + half], a_big, a_small, b_big, b_small);
+                    }
+                } else {
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        u32 b_big[2], b_small[2];
+                        split_tf32(__uint_as_float(b[2 * half]), b_big[0], b_small[0]);
+                        split_tf32(__uint_as_float(b[2 * half + 1]), b_big[1], b_small[1]);
+                        mma_3xtf32(part[2 * np + half], a_big, a_small, b_big, b_small);
+                    }
                 }
             }
         }
@@ -292,8 +330,15 @@ __device__ __forceinline__ void product_regs_by_tile(float (&acc)[kAccTiles][4],
         for (int ct = 0; ct < kColTiles; ++ct) {
             const u32 ba = b_lane + ct * 8 * kRowBytes + nt * 32;
             u32 b_big[2], b_small[2];
-            split_tf32(lds_f32(ba), b_big[0], b_small[0]);
-            split_tf32(lds_f32(ba + kRowBytes), b_big[1], b_small[1]);
+            if constexpr (kSplitStream) {
+                b_big[0] = __float_as_uint(lds_f32(ba));
+                b_big[1] = __float_as_uint(lds_f32(ba + kRowBytes));
+                b_small[0] = __float_as_uint(lds_f32(ba + kStreamTileBytes));
+                b_small[1] = __float_as_uint(lds_f32(ba + kStreamTileBytes + kRowBytes));
+            } else {
+                split_tf32(lds_f32(ba), b_big[0], b_small[0]);
+                split_tf32(lds_f32(ba + kRowBytes), b_big[1], b_small[1]);
+            }
             mma_3xtf32(part, a_big[ct], a_small[ct], b_big, b_small);
         }
 #pragma unroll
@@ -430,8 +475,7 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     const bwd_tiles::KvWork work = bwd_tiles::kv_work<kOwn, kStream>(n_tiles, splits, heads_kv, group,
                                                                       heads_per_split, causal, causal_offset, seqlen_q);
     const i64 b = work.b;
-    const int split = work.split, h_kv = work.h_kv, key0 = work.key0, h_begin = work.h_begin;
-    const int m_begin = work.m_begin, per_head = work.m_end - work.m_begin, n_iter = work.n_iter;
+    const int split = work.split, h_kv = work.h_kv, key0 = work.key0, n_iter = work.n_iter;
 
     const bool vec = vec_in != 0;
     const Tensor tk{static_cast<const char*>(k) + (b * k_sb + h_kv * k_sh) * kElemBytes, k_ss, k_sd};
@@ -440,14 +484,14 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     // Tiles needing no mask: K_j inside Sk and, when causal, every key of K_j visible to query i0.
     const bool key_tail = key0 + kOwn > seqlen_k;
 
-    auto load_stream = [&](int it, int stage) {
-        const int h = h_begin + it / per_head;
-        const int i0 = (m_begin + it % per_head) * kStream;
+    auto load_stream = [&](bwd_tiles::KvStep x, int stage) {
+        const int h = x.h;
+        const int i0 = x.m * kStream;
         const Tensor tq{static_cast<const char*>(q) + (b * q_sb + static_cast<i64>(h) * q_sh) * kElemBytes, q_ss, q_sd};
         const Tensor tdo{static_cast<const char*>(dout) + (b * do_sb + static_cast<i64>(h) * do_sh) * kElemBytes, do_ss,
                          do_sd};
-        load_tile<kStream>(s_base + kOffStreamA + stage * kStreamTileBytes, tq, i0, seqlen_q, head_dim, vec, tid);
-        load_tile<kStream>(s_base + kOffStreamB + stage * kStreamTileBytes, tdo, i0, seqlen_q, head_dim_v, vec, tid);
+        load_tile<kStream>(s_base + kOffStreamA + stage * kStreamStride, tq, i0, seqlen_q, head_dim, vec, tid);
+        load_tile<kStream>(s_base + kOffStreamB + stage * kStreamStride, tdo, i0, seqlen_q, head_dim_v, vec, tid);
         const i64 vec_off = (b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0;
         bwd_tiles::load_vec<kStream, kThreads>(s_base + kOffL2 + stage * kVecBytes, l2 + vec_off, tid);
         bwd_tiles::load_vec<kStream, kThreads>(s_base + kOffD + stage * kVecBytes, dsum + vec_off, tid);
@@ -455,7 +499,8 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
 
     load_tile<kOwn>(sK, tk, key0, seqlen_k, head_dim, vec, tid);
     load_tile<kOwn>(sV, tv, key0, seqlen_k, head_dim_v, vec, tid);
-    if (n_iter > 0) load_stream(0, 0);
+    bwd_tiles::KvStep cur = work.first(), prev = cur;
+    if (n_iter > 0) load_stream(cur, 0);
     cp_async_commit();
 
     float acc_dk[kAccTiles][4], acc_dv[kAccTiles][4];
@@ -467,9 +512,9 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
 
     // dQ_i += dS K_j for the tile of iteration `it` from its staged dS^T, added to the float32 workspace
     // (B, Hq, Sq_pad, HEAD_DIM), where every row and column of the tile exists.
-    auto add_dq_tile = [&](int it) {
-        const int h = h_begin + it / per_head;
-        const int i0 = (m_begin + it % per_head) * kStream;
+    auto add_dq_tile = [&](int it, bwd_tiles::KvStep x) {
+        const int h = x.h;
+        const int i0 = x.m * kStream;
         const int mg = warp % kDQRowGroups, cg = warp / kDQRowGroups;
         const int m0 = mg * 16;
         const u32 sDS = s_base + kOffDS + (it & 1) * kDSBytes + m0 * kElemBytes;
@@ -494,15 +539,21 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     for (int it = 0; it < n_iter; ++it) {
         const int stage = it & 1;
         cp_async_wait<0>();
-        // Tile `it` has landed for every thread; every warp is done with tile it-1, whose stage the
-        // load below refills, and has staged dS^T of it-1 and read that of it-2.
+        if constexpr (kSplitStream) {
+            split_stream_tile(s_base + kOffStreamA + stage * kStreamStride, tid);
+            split_stream_tile(s_base + kOffStreamB + stage * kStreamStride, tid);
+        }
+        // Tile `it` has landed (and is split) for every thread; every warp is done with tile it-1,
+        // whose stage the load below refills, and has staged dS^T of it-1 and read that of it-2.
         __syncthreads();
-        if (it + 1 < n_iter) load_stream(it + 1, stage ^ 1);
+        const bwd_tiles::KvStep step = cur;
+        cur = work.next(cur);
+        if (it + 1 < n_iter) load_stream(cur, stage ^ 1);
         cp_async_commit();
 
-        const int i0 = (m_begin + it % per_head) * kStream;
-        const u32 sQ = s_base + kOffStreamA + stage * kStreamTileBytes;
-        const u32 sdO = s_base + kOffStreamB + stage * kStreamTileBytes;
+        const int i0 = step.m * kStream;
+        const u32 sQ = s_base + kOffStreamA + stage * kStreamStride;
+        const u32 sdO = s_base + kOffStreamB + stage * kStreamStride;
         const u32 sL2 = s_base + kOffL2 + stage * kVecBytes;
         const u32 sD = s_base + kOffD + stage * kVecBytes;
         const bool mask = key_tail || (causal && static_cast<i64>(key0) + kOwn - 1 > static_cast<i64>(i0) + causal_offset);
@@ -546,13 +597,14 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
             // hold the same values); it is read after the next barrier, while the previous
             // iteration's buffer, complete since this iteration's first barrier, feeds dQ now.
             if (ds == 0) dS.store(s_base + kOffDS + stage * kDSBytes + (rg * 16 + g) * kDSRowBytes, kDSRowBytes, lane);
-            if (it > 0) add_dq_tile(it - 1);
+            if (it > 0) add_dq_tile(it - 1, prev);
+            prev = step;
         }
     }
     if constexpr (kDQAtomic) {
         if (n_iter > 0) {
             __syncthreads();  // the last iteration's dS^T is staged before warps read it across row groups
-            add_dq_tile(n_iter - 1);
+            add_dq_tile(n_iter - 1, prev);
         }
     }
     cp_async_wait<0>();
@@ -607,8 +659,8 @@ flash_bwd_dq(const void* __restrict__ q, const void* __restrict__ k, const void*
     const int n_iter = key_end <= 0 ? 0 : static_cast<int>((key_end + kStream - 1) / kStream);
 
     auto load_stream = [&](int it, int stage) {
-        load_tile<kStream>(s_base + kOffStreamA + stage * kStreamTileBytes, tk, it * kStream, seqlen_k, head_dim, vec, tid);
-        load_tile<kStream>(s_base + kOffStreamB + stage * kStreamTileBytes, tv, it * kStream, seqlen_k, head_dim_v, vec,
+        load_tile<kStream>(s_base + kOffStreamA + stage * kStreamStride, tk, it * kStream, seqlen_k, head_dim, vec, tid);
+        load_tile<kStream>(s_base + kOffStreamB + stage * kStreamStride, tv, it * kStream, seqlen_k, head_dim_v, vec,
                            tid);
     };
     load_tile<kOwn>(sQ, tq, row0, seqlen_q, head_dim, vec, tid);
@@ -639,8 +691,8 @@ flash_bwd_dq(const void* __restrict__ q, const void* __restrict__ k, const void*
         cp_async_commit();
 
         const int n0 = it * kStream;
-        const u32 sKt = s_base + kOffStreamA + stage * kStreamTileBytes;
-        const u32 sVt = s_base + kOffStreamB + stage * kStreamTileBytes;
+        const u32 sKt = s_base + kOffStreamA + stage * kStreamStride;
+        const u32 sVt = s_base + kOffStreamB + stage * kStreamStride;
         const bool mask = n0 + kStream > seqlen_k ||
                           (causal && static_cast<i64>(n0) + kStream - 1 > static_cast<i64>(row0) + causal_offset);
 

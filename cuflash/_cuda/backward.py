@@ -60,11 +60,13 @@ class Config:
     stages: int = 2
     min_blocks: int = 1
     kk_unroll: int = 0  # unroll of the k16 loop of S and dP (0: full); lower saves registers
+    split_stream: bool = False  # float32 dK/dV: split streamed tiles once into tf32 planes
 
     def smem_bytes(self, bucket, elem_bytes, dkdv, dq_atomic):
         """Dynamic shared memory, mirroring the layout in ``flash_bwd.cu``."""
         row = bucket * elem_bytes + 16
-        total = 2 * self.block_own * row + 2 * self.stages * self.block_stream * row
+        planes = 2 if self.split_stream else 1
+        total = 2 * self.block_own * row + 2 * self.stages * self.block_stream * row * planes
         if dkdv:
             total += 2 * self.stages * self.block_stream * 4
             if dq_atomic:
@@ -133,12 +135,12 @@ CONFIGS = {
         256: Entry(_K(32, 32, 4, 2, 2, 2, stages=1), _C(32, 16, 4, 2)),
     },
     ("sm90", "float32"): {
-        32: Entry(_C(128, 32, 8), _C(64, 32, 8, 2)),
-        64: Entry(_C(128, 32, 8), _C(64, 32, 8, 2)),
-        96: Entry(_C(128, 32, 8), _C(64, 32, 8, 2)),
-        128: Entry(_C(128, 16, 8), _C(64, 32, 8, 2)),
-        160: Entry(_C(64, 16, 8, 2), _C(32, 16, 8, 4)),
-        192: Entry(_C(64, 16, 8, 2), _C(32, 16, 8, 4)),
+        32: Entry(_C(128, 32, 8, split_stream=True), _C(64, 32, 8, 2)),
+        64: Entry(_C(128, 32, 8, split_stream=True), _C(64, 32, 8, 2)),
+        96: Entry(_C(128, 16, 8, split_stream=True), _C(64, 32, 8, 2)),
+        128: Entry(_C(64, 32, 8, 2, split_stream=True), _C(64, 32, 8, 2)),
+        160: Entry(_C(64, 16, 8, 2, split_stream=True), _C(32, 16, 8, 4)),
+        192: Entry(_C(64, 16, 8, 2, split_stream=True), _C(32, 16, 8, 4)),
         224: Entry(_C(64, 16, 8, 2), _C(32, 16, 8, 4)),
         256: Entry(_C(32, 16, 8, 4), _C(32, 16, 8, 4)),
     },
@@ -205,6 +207,7 @@ def main_defines(config, bucket, dtype_name, role, dq_atomic):
         "MIN_BLOCKS": config.min_blocks,
         "KK_UNROLL": config.kk_unroll or bucket // 16,
         "DQ_ATOMIC": int(dq_atomic),
+        "SPLIT_STREAM": int(config.split_stream),
         "DTYPE": _DTYPE_CODES[dtype_name],
     }
 
