@@ -24,6 +24,7 @@
 //   KK_UNROLL    unroll of the k16 loop of the S and dP products (registers against latency hiding)
 //   DQ_ATOMIC    ROLE 0 only: also accumulate dQ with atomics
 //   SPLIT_STREAM ROLE 0 float32 only: split each streamed tile once into tf32 planes
+//   SMEM_BYTES   the launcher's dynamic shared memory, checked against the layout below
 //   DTYPE        1 float16, 2 bfloat16 (mma.m16n8k16), 3 float32 (3xTF32 mma.m16n8k8)
 //
 // Visibility: query i sees key j iff i < Sq, j < Sk and (!causal or j <= i + causal_offset). The
@@ -33,8 +34,8 @@
 
 #if !defined(ROLE) || !defined(HEAD_DIM) || !defined(BLOCK_OWN) || !defined(BLOCK_STREAM) || !defined(NUM_WARPS) || \
     !defined(SPLIT_D) || !defined(STAGES) || !defined(MIN_BLOCKS) || !defined(KK_UNROLL) || !defined(DQ_ATOMIC) || \
-    !defined(SPLIT_STREAM) || !defined(DTYPE)
-#error "flash_bwd.cu needs ROLE, HEAD_DIM, BLOCK_OWN, BLOCK_STREAM, NUM_WARPS, SPLIT_D, STAGES, MIN_BLOCKS, KK_UNROLL, DQ_ATOMIC, SPLIT_STREAM, DTYPE"
+    !defined(SPLIT_STREAM) || !defined(SMEM_BYTES) || !defined(DTYPE)
+#error "flash_bwd.cu needs ROLE, HEAD_DIM, BLOCK_OWN, BLOCK_STREAM, NUM_WARPS, SPLIT_D, STAGES, MIN_BLOCKS, KK_UNROLL, DQ_ATOMIC, SPLIT_STREAM, SMEM_BYTES, DTYPE"
 #endif
 
 namespace cuflash {
@@ -114,6 +115,7 @@ static_assert(128 % kOwn == 0 && 128 % kStream == 0, "tile sizes must divide the
 static_assert(kStages == 2, "the streamed tiles are double buffered");
 static_assert(!kDQAtomic || kWarps % kDQRowGroups == 0, "the dQ product needs NUM_WARPS to be a multiple of BLOCK_STREAM / 16");
 static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA can have");
+static_assert(kSmemBytes == SMEM_BYTES, "the launcher's shared memory (SMEM_BYTES, from backward.py) must match this layout");
 static_assert((kRowBytes / 4) % 32 == 4 || (kRowBytes / 4) % 32 == 20 || (kRowBytes / 4) % 32 == 12 ||
                   (kRowBytes / 4) % 32 == 28,
               "row stride must keep ldmatrix/tf32 fragment rows on distinct bank groups");

@@ -24,6 +24,7 @@
 //   WARPS_N_SDP, WARPS_N_DKV, WARPS_M_DQ  the warp grids above        MIN_BLOCKS  __launch_bounds__
 //   KK_UNROLL, DQ_UNROLL  unroll of the k16 loops of S/dP and of dQ (registers against latency hiding)
 //   DQ_ATOMIC 1: also accumulate dQ                                   DTYPE  1 float16, 2 bfloat16
+//   SMEM_BYTES  the launcher's dynamic shared memory, checked against the layout below
 //
 // Visibility: query i sees key j iff i < Sq, j < Sk and (!causal or j <= i + causal_offset). The
 // preprocess kernel (flash_bwd_aux.cu) hands over L2_i = LSE_i * log2 e, +inf for rows that see no
@@ -32,8 +33,8 @@
 
 #if !defined(HEAD_DIM) || !defined(BLOCK_N) || !defined(BLOCK_M) || !defined(NUM_WARPS) || !defined(WARPS_N_SDP) || \
     !defined(WARPS_N_DKV) || !defined(WARPS_M_DQ) || !defined(STAGES) || !defined(MIN_BLOCKS) ||                    \
-    !defined(KK_UNROLL) || !defined(DQ_UNROLL) || !defined(DQ_ATOMIC) || !defined(DTYPE)
-#error "flash_bwd_dkdv.cu needs HEAD_DIM, BLOCK_N, BLOCK_M, NUM_WARPS, WARPS_N_SDP, WARPS_N_DKV, WARPS_M_DQ, STAGES, MIN_BLOCKS, KK_UNROLL, DQ_UNROLL, DQ_ATOMIC, DTYPE"
+    !defined(KK_UNROLL) || !defined(DQ_UNROLL) || !defined(DQ_ATOMIC) || !defined(SMEM_BYTES) || !defined(DTYPE)
+#error "flash_bwd_dkdv.cu needs HEAD_DIM, BLOCK_N, BLOCK_M, NUM_WARPS, WARPS_N_SDP, WARPS_N_DKV, WARPS_M_DQ, STAGES, MIN_BLOCKS, KK_UNROLL, DQ_UNROLL, DQ_ATOMIC, SMEM_BYTES, DTYPE"
 #endif
 
 namespace cuflash {
@@ -101,6 +102,7 @@ static_assert(kDqRows % 16 == 0 && kDqCols % 16 == 0 && kDqRows * WARPS_M_DQ == 
 static_assert(kStages == 1 || kStages == 2, "STAGES: 1 (single buffer, for small shared memory) or 2");
 static_assert(128 % kN == 0 && 128 % kM == 0, "tile sizes must divide the 128-row padding of L2 and D");
 static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA can have");
+static_assert(kSmemBytes == SMEM_BYTES, "the launcher's shared memory (SMEM_BYTES, from backward.py) must match this layout");
 static_assert((kRowBytes / 4) % 8 == 4 && (kPRowBytes / 4) % 8 == 4,
               "row strides must keep the 8 rows of an ldmatrix on distinct bank groups");
 

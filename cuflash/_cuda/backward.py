@@ -41,6 +41,7 @@ KERNEL_CONVERT = "flash_bwd_convert"
 
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 _DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3}
+_ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 _LOG2E = 1.4426950408889634
 _MAX_GRID_X = 2**31 - 1
 # L2 and D rows are padded to this, so streamed tiles (which divide it) read them without bounds.
@@ -179,7 +180,9 @@ def main_source(config):
 
 
 def main_defines(config, bucket, dtype_name, role, dq_atomic):
-    """The ``#define`` block of one main-kernel instantiation (role 0: dK/dV, 1: dQ)."""
+    """The ``#define`` block of one main-kernel instantiation (role 0: dK/dV, 1: dQ). SMEM_BYTES is
+    the dynamic shared memory the launcher will give it; the kernel checks it against its layout."""
+    smem = config.smem_bytes(bucket, _ELEM_BYTES[dtype_name], role == 0, dq_atomic)
     if isinstance(config, KvConfig):
         return {
             "HEAD_DIM": bucket,
@@ -194,6 +197,7 @@ def main_defines(config, bucket, dtype_name, role, dq_atomic):
             "KK_UNROLL": config.kk_unroll or bucket // 16,
             "DQ_UNROLL": config.dq_unroll or config.block_n // 16,
             "DQ_ATOMIC": int(dq_atomic),
+            "SMEM_BYTES": smem,
             "DTYPE": _DTYPE_CODES[dtype_name],
         }
     return {
@@ -208,6 +212,7 @@ def main_defines(config, bucket, dtype_name, role, dq_atomic):
         "KK_UNROLL": config.kk_unroll or bucket // 16,
         "DQ_ATOMIC": int(dq_atomic),
         "SPLIT_STREAM": int(config.split_stream),
+        "SMEM_BYTES": smem,
         "DTYPE": _DTYPE_CODES[dtype_name],
     }
 
