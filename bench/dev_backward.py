@@ -37,20 +37,7 @@ VARIANTS = {
 
 def prewarm(family):
     """Compile every instantiation of this family's tables on all cores (NVRTC releases the GIL)."""
-    jobs = []
-    for (fam, kind), table in backward.CONFIGS.items():
-        if fam != family:
-            continue
-        names = ("float16", "bfloat16") if kind == "16bit" else ("float32",)
-        for bucket, entry in table.items():
-            for name in names:
-                src = backward.main_source(entry.dkdv)
-                jobs.append((src, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 1)))
-                jobs.append((src, backward.KERNEL_DKDV, backward.main_defines(entry.dkdv, bucket, name, 0, 0)))
-                jobs.append((backward.SOURCE, backward.KERNEL_DQ, backward.main_defines(entry.dq, bucket, name, 1, 0)))
-    for name in ("float16", "bfloat16", "float32"):
-        jobs.append((backward.AUX_SOURCE, backward.KERNEL_PREPROCESS, backward.aux_defines(name)))
-        jobs.append((backward.AUX_SOURCE, backward.KERNEL_CONVERT, backward.aux_defines(name)))
+    jobs = list(backward.instantiations(family))
     for (kind, bucket), entries in VARIANTS.items():
         for entry in entries:
             for name in (("bfloat16", "float16") if kind == "16bit" else ("float32",)):
