@@ -13,12 +13,20 @@ struct Tensor {
     i64 stride_d;      // elements between consecutive head-dim entries (1 on the vector path)
 };
 
+// Shared-memory tile layouts for load_tile: Layout::offset(r, chunk) is the byte offset of the
+// 16-byte chunk `chunk` of row r. PaddedRows: rows RowBytes apart (one 16-byte pad per row keeps
+// the 8 rows of an ldmatrix on distinct bank groups); wg::Swizzle128 (wgmma.cuh) for wgmma operands.
+template <int RowBytes>
+struct PaddedRows {
+    __device__ __forceinline__ static u32 offset(int r, int chunk) { return static_cast<u32>(r * RowBytes + chunk * 16); }
+};
+
 // Loads rows [row0, row0 + Rows) x cols [0, Dim) of a (seq, dim) view with ElemBytes-byte
-// elements into shared memory rows RowBytes apart; rows >= nrows and cols >= ncols become 0, which
-// keeps tails out of every product. Threads threads share the copy.
+// elements into a shared-memory tile laid out by Layout; rows >= nrows and cols >= ncols become 0,
+// which keeps tails out of every product. Threads threads share the copy.
 // Vector path: 16-byte cp.async with zero-fill (rows 16-byte aligned, stride_d == 1). Otherwise
 // element loads with arbitrary strides, stored synchronously.
-template <int Rows, int Dim, int ElemBytes, int Threads, int RowBytes>
+template <int Rows, int Dim, int ElemBytes, int Threads, typename Layout>
 __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
     constexpr int kChunkElems = 16 / ElemBytes;
     constexpr int kRowChunks = Dim / kChunkElems;
@@ -28,16 +36,16 @@ __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, i
         // computation per tile instead of one per chunk (this runs once per streamed tile).
         constexpr int kRowStep = Threads / kRowChunks;
         if (vec) {
-            const int r = tid / kRowChunks, col0 = (tid % kRowChunks) * kChunkElems;
+            const int r = tid / kRowChunks, chunk = tid % kRowChunks, col0 = chunk * kChunkElems;
             int valid = ncols - col0;
             valid = valid < 0 ? 0 : (valid > kChunkElems ? kChunkElems : valid);
             const char* src = t.base + (static_cast<i64>(row0 + r) * t.stride_s + col0) * ElemBytes;
             const i64 step = static_cast<i64>(kRowStep) * t.stride_s * ElemBytes;
-            const u32 dst = smem + r * RowBytes + col0 * ElemBytes;
 #pragma unroll
             for (int j = 0; j < Rows / kRowStep; ++j) {
                 const bool in = row0 + r + j * kRowStep < nrows && valid > 0;
-                cp_async_16(dst + j * kRowStep * RowBytes, in ? src + j * step : t.base, in ? valid * ElemBytes : 0);
+                cp_async_16(smem + Layout::offset(r + j * kRowStep, chunk), in ? src + j * step : t.base,
+                            in ? valid * ElemBytes : 0);
             }
             return;
         }
@@ -51,7 +59,7 @@ __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, i
         const int r = c / kRowChunks;
         const int col0 = (c % kRowChunks) * kChunkElems;
         const int row = row0 + r;
-        const u32 dst = smem + r * RowBytes + col0 * ElemBytes;
+        const u32 dst = smem + Layout::offset(r, c % kRowChunks);
         int valid = ncols - col0;
         valid = valid < 0 ? 0 : (valid > kChunkElems ? kChunkElems : valid);
         if (row >= nrows) valid = 0;
@@ -157,6 +165,30 @@ __device__ __forceinline__ KvWork kv_work(int n_tiles, int splits, int heads_kv,
     const int per_head = w.m_end > w.m_begin ? w.m_end - w.m_begin : 0;
     w.n_iter = per_head * (w.h_end > w.h_begin ? w.h_end - w.h_begin : 0);
     return w;
+}
+
+// Writes mul * acc (a warp tile in the mma accumulator layout: MT m16 rows from row0 by NT n8
+// columns from col0) to a (seq, dim) view, in Elem or, for GQA partial sums, in float32; rows >=
+// nrows and cols >= ncols are skipped.
+template <typename Elem, int MT, int NT>
+__device__ __forceinline__ void store_acc(const float (&acc)[MT][NT][4], float mul, char* base, i64 stride_s,
+                                          i64 stride_d, int row0, int nrows, int col0, int ncols, bool f32_out,
+                                          int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = row0 + mt * 16 + g + (e >> 1) * 8;
+                const int col = col0 + nt * 8 + 2 * t + (e & 1);
+                if (row >= nrows || col >= ncols) continue;
+                const float val = acc[mt][nt][e] * mul;
+                const i64 off = static_cast<i64>(row) * stride_s + static_cast<i64>(col) * stride_d;
+                if (f32_out) reinterpret_cast<float*>(base)[off] = val;
+                else reinterpret_cast<u16*>(base)[off] = from_float<Elem>(val);
+            }
 }
 
 __device__ __forceinline__ float2 lds_f32x2(u32 addr) {

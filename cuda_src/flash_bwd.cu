@@ -125,7 +125,7 @@ using bwd_tiles::Tensor;
 
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
-    bwd_tiles::load_tile<ROWS, kHeadDim, kElemBytes, kThreads, kRowBytes>(smem, t, row0, nrows, ncols, vec, tid);
+    bwd_tiles::load_tile<ROWS, kHeadDim, kElemBytes, kThreads, bwd_tiles::PaddedRows<kRowBytes>>(smem, t, row0, nrows, ncols, vec, tid);
 }
 
 // SPLIT_STREAM: rewrites a streamed tile as its big tf32 plane and writes the small plane

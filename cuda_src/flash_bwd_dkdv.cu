@@ -112,7 +112,7 @@ using bwd_tiles::Tensor;
 
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
-    bwd_tiles::load_tile<ROWS, kHeadDim, 2, kThreads, kRowBytes>(smem, t, row0, nrows, ncols, vec, tid);
+    bwd_tiles::load_tile<ROWS, kHeadDim, 2, kThreads, bwd_tiles::PaddedRows<kRowBytes>>(smem, t, row0, nrows, ncols, vec, tid);
 }
 
 template <int MT, int NT>
@@ -193,29 +193,6 @@ __device__ __forceinline__ void dq_pass(float* rows, u32 sDS_w, u32 sK_c, int co
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np)
             if (np * 16 < cols_left) add_dq_block<kHeadDim>(rows + mt * 16 * kHeadDim + np * 16, acc[mt][2 * np], acc[mt][2 * np + 1], lane);
-}
-
-// Writes mul * acc (a warp tile of kKvRows keys from row0 x kKvCols columns from col0) to a (seq,
-// dim) view, in the input dtype or, for GQA partial sums, in float32; rows >= nrows and cols >= ncols
-// are skipped.
-__device__ __forceinline__ void store_acc(const float (&acc)[kKvMT][kKvNT][4], float mul, char* base, i64 stride_s,
-                                          i64 stride_d, int row0, int nrows, int col0, int ncols, bool f32_out,
-                                          int lane) {
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int mt = 0; mt < kKvMT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kKvNT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = row0 + mt * 16 + g + (e >> 1) * 8;
-                const int col = col0 + nt * 8 + 2 * t + (e & 1);
-                if (row >= nrows || col >= ncols) continue;
-                const float val = acc[mt][nt][e] * mul;
-                const i64 off = static_cast<i64>(row) * stride_s + static_cast<i64>(col) * stride_d;
-                if (f32_out) reinterpret_cast<float*>(base)[off] = val;
-                else reinterpret_cast<u16*>(base)[off] = from_float<Elem>(val);
-            }
 }
 
 }  // namespace bwd_kv
@@ -414,6 +391,6 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     const int row0 = key0 + n_kv;
     char* const dk_base = static_cast<char*>(dk) + (work.split * dk_split + b * dk_sb + h_kv * dk_sh) * (f32_out ? 4 : 2);
     char* const dv_base = static_cast<char*>(dv) + (work.split * dv_split + b * dv_sb + h_kv * dv_sh) * (f32_out ? 4 : 2);
-    store_acc(acc_dk, scale, dk_base, dk_ss, dk_sd, row0, seqlen_k, d_kv, head_dim, f32_out != 0, lane);
-    store_acc(acc_dv, 1.f, dv_base, dv_ss, dv_sd, row0, seqlen_k, d_kv, head_dim_v, f32_out != 0, lane);
+    bwd_tiles::store_acc<Elem>(acc_dk, scale, dk_base, dk_ss, dk_sd, row0, seqlen_k, d_kv, head_dim, f32_out != 0, lane);
+    bwd_tiles::store_acc<Elem>(acc_dv, 1.f, dv_base, dv_ss, dv_sd, row0, seqlen_k, d_kv, head_dim_v, f32_out != 0, lane);
 }

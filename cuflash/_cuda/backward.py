@@ -33,6 +33,7 @@ from .runtime import element_strides, vector_loadable
 
 SOURCE = "flash_bwd.cu"
 DKDV16_SOURCE = "flash_bwd_dkdv.cu"
+DKDV_SM90_SOURCE = "flash_bwd_dkdv_sm90.cu"
 AUX_SOURCE = "flash_bwd_aux.cu"
 KERNEL_DKDV = "flash_bwd_dkdv"
 KERNEL_DQ = "flash_bwd_dq"
@@ -105,21 +106,47 @@ class KvConfig:
 
 
 @dataclass(frozen=True)
+class WgConfig:
+    """A configuration of the sm_90a 16-bit dK/dV kernel (``flash_bwd_dkdv_sm90.cu``, warpgroup MMA):
+    each of ``warpgroups`` warpgroups owns 64 keys and the CTA streams tiles of ``block_m`` queries."""
+
+    block_m: int
+    warpgroups: int = 2
+    stages: int = 2
+    min_blocks: int = 1
+
+    @property
+    def block_own(self):
+        return 64 * self.warpgroups
+
+    @property
+    def warps(self):
+        return 4 * self.warpgroups
+
+    def smem_bytes(self, bucket, elem_bytes, dkdv, dq_atomic):
+        """Dynamic shared memory, mirroring the layout in ``flash_bwd_dkdv_sm90.cu`` (with 1024 bytes
+        to align its swizzled tiles)."""
+        n, m = self.block_own, self.block_m
+        total = 2 * n * bucket * 2 + 2 * self.stages * m * bucket * 2 + 2 * self.stages * m * 4 + 1024
+        return total + (n * m * 2 if dq_atomic else 0)
+
+
+@dataclass(frozen=True)
 class Entry:
     dkdv: Config
     dq: Config
 
 
-_C, _K = Config, KvConfig
+_C, _K, _W = Config, KvConfig, WgConfig
 # (family, "16bit" | "float32") -> {head-dim bucket: Entry}. sm90 entries fit 227 KiB of shared
 # memory per CTA; sm80-family entries fit the 99 KiB of sm_86/sm_89 (and so the A100's 163 KiB),
 # except the atomic dK/dV variant of float32 at d = 256, which there falls back to the dQ kernel.
 CONFIGS = {
     ("sm90", "16bit"): {
         32: Entry(_K(128, 128, 8, 4, 4, 4), _C(128, 64, 8)),
-        64: Entry(_K(128, 128, 8, 4, 4, 4, kk_unroll=1), _C(128, 64, 8)),
+        64: Entry(_W(128), _C(128, 64, 8)),
         96: Entry(_K(128, 64, 8, 4, 4, 4), _C(128, 64, 8)),
-        128: Entry(_K(128, 64, 8, 4, 4, 2), _C(128, 64, 8)),
+        128: Entry(_W(64), _C(128, 64, 8)),
         160: Entry(_K(64, 64, 8, 4, 4, 4), _C(64, 64, 8, 2)),
         192: Entry(_K(64, 64, 8, 4, 4, 4), _C(64, 64, 8, 2)),
         224: Entry(_K(64, 64, 8, 4, 4, 4), _C(64, 64, 8, 2)),
@@ -176,6 +203,8 @@ def _kind(dtype_name):
 
 
 def main_source(config):
+    if isinstance(config, WgConfig):
+        return DKDV_SM90_SOURCE
     return DKDV16_SOURCE if isinstance(config, KvConfig) else SOURCE
 
 
@@ -183,6 +212,17 @@ def main_defines(config, bucket, dtype_name, role, dq_atomic):
     """The ``#define`` block of one main-kernel instantiation (role 0: dK/dV, 1: dQ). SMEM_BYTES is
     the dynamic shared memory the launcher will give it; the kernel checks it against its layout."""
     smem = config.smem_bytes(bucket, _ELEM_BYTES[dtype_name], role == 0, dq_atomic)
+    if isinstance(config, WgConfig):
+        return {
+            "HEAD_DIM": bucket,
+            "BLOCK_M": config.block_m,
+            "WARPGROUPS": config.warpgroups,
+            "STAGES": config.stages,
+            "MIN_BLOCKS": config.min_blocks,
+            "DQ_ATOMIC": int(dq_atomic),
+            "SMEM_BYTES": smem,
+            "DTYPE": _DTYPE_CODES[dtype_name],
+        }
     if isinstance(config, KvConfig):
         return {
             "HEAD_DIM": bucket,

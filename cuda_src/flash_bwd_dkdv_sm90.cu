@@ -1,0 +1,326 @@
+// dK/dV kernel of the float16/bfloat16 backward on sm_90a, with warpgroup MMA (wgmma.cuh). Same
+// mathematics, work split and arguments as flash_bwd_dkdv.cu:
+//   P_ij = exp2(S_ij * scale * log2 e - LSE_i * log2 e),   dP_ij = dO_i V_j^T,   dS_ij = P_ij o (dP_ij - D_i),
+//   dV_j += P_ij^T dO_i,   dK_j += scale * dS_ij^T Q_i,   and with DQ_ATOMIC  dQ_i += scale * dS_ij K_j.
+//
+// A CTA owns BLOCK_N = 64 * WARPGROUPS keys K_j, V_j of one key/value head; warpgroup w owns keys
+// 64w..64w+63 of them. It streams tiles of BLOCK_M queries (Q_i, dO_i, L2_i, D_i) of every query
+// head of its share of the GQA group, the next tile loading during the current one. Per tile:
+//   S^T = K_w Q_i^T and dP^T = V_w dO_i^T   (64 x BLOCK_M per warpgroup, operands in shared memory)
+//   P^T, dS^T in registers, rounded to 16 bits: their accumulator layout is the register A operand
+//   dV_w += P^T dO_i, dK_w += dS^T Q_i      (64 x HEAD_DIM accumulators in registers across tiles)
+//   DQ_ATOMIC: dS^T goes to shared memory; dQ_i += dS K_j with the (query, dim) tile cut into
+//   64 x 64 blocks, one per warpgroup, added to a float32 workspace with vector reductions.
+// The products of a warpgroup are issued back to back and waited for only where their results are
+// needed: the exponentials of P run while dP is computed, dS while dV is.
+//
+// Configuration (#define lines from cuflash/_cuda/backward.py, one table there):
+//   HEAD_DIM 64 or 128, bucket of max(D, Dv); smaller D/Dv are zero-padded on load
+//   BLOCK_M  queries per streamed tile (64 or 128)     WARPGROUPS  BLOCK_N / 64
+//   STAGES   2 (double buffering)                      MIN_BLOCKS  __launch_bounds__
+//   DQ_ATOMIC 1: also accumulate dQ                    DTYPE  1 float16, 2 bfloat16
+//   SMEM_BYTES  the launcher's dynamic shared memory, checked against the layout below
+//
+// Visibility: query i sees key j iff i < Sq, j < Sk and (!causal or j <= i + causal_offset). The
+// preprocess kernel (flash_bwd_aux.cu) hands over L2_i = LSE_i * log2 e, +inf for rows that see no
+// key and for the padding rows up to a multiple of 128, so exp2(s - L2_i) = 0 there, never NaN.
+#include "bwd_tiles.cuh"
+#include "wgmma.cuh"
+
+#if !defined(HEAD_DIM) || !defined(BLOCK_M) || !defined(WARPGROUPS) || !defined(STAGES) || !defined(MIN_BLOCKS) || \
+    !defined(DQ_ATOMIC) || !defined(SMEM_BYTES) || !defined(DTYPE)
+#error "flash_bwd_dkdv_sm90.cu needs HEAD_DIM, BLOCK_M, WARPGROUPS, STAGES, MIN_BLOCKS, DQ_ATOMIC, SMEM_BYTES, DTYPE"
+#endif
+
+namespace cuflash {
+namespace bwd_wg {
+
+#if DTYPE == 1
+using Elem = Half;
+#elif DTYPE == 2
+using Elem = BFloat16;
+#else
+#error "flash_bwd_dkdv_sm90.cu is a 16-bit kernel: DTYPE must be 1 (float16) or 2 (bfloat16)"
+#endif
+
+constexpr int kHeadDim = HEAD_DIM;
+constexpr int kM = BLOCK_M;
+constexpr int kGroups = WARPGROUPS;
+constexpr int kN = 64 * kGroups;
+constexpr int kThreads = 128 * kGroups;
+constexpr int kStages = STAGES;
+constexpr bool kDQAtomic = DQ_ATOMIC != 0;
+// dQ blocks: the BLOCK_M x HEAD_DIM tile in kDqRowBlocks x kDqColBlocks blocks of 64 x kDqCols.
+constexpr int kDqRowBlocks = kM / 64;
+constexpr int kDqColBlocks = kGroups / kDqRowBlocks;
+constexpr int kDqCols = kHeadDim / kDqColBlocks;
+
+// Shared memory (Swizzle128 tiles, 1024-byte aligned): K_j, V_j, kStages each of Q_i and dO_i, dS^T
+// [key][query], kStages each of L2 and D. The launcher adds 1024 bytes so the base can be aligned.
+constexpr int kKeyTileBytes = kN * kHeadDim * 2;
+constexpr int kQueryTileBytes = kM * kHeadDim * 2;
+constexpr int kDSBytes = kDQAtomic ? kN * kM * 2 : 0;
+constexpr int kVecBytes = kM * 4;
+constexpr int kOffV = kKeyTileBytes;
+constexpr int kOffQ = 2 * kKeyTileBytes;
+constexpr int kOffDO = kOffQ + kStages * kQueryTileBytes;
+constexpr int kOffDS = kOffDO + kStages * kQueryTileBytes;
+constexpr int kOffL2 = kOffDS + kDSBytes;
+constexpr int kOffD = kOffL2 + kStages * kVecBytes;
+constexpr int kSmemBytes = kOffD + kStages * kVecBytes + 1024;
+
+static_assert(kHeadDim == 64 || kHeadDim == 128, "HEAD_DIM must be 64 or 128 (whole 128-byte swizzle rows)");
+static_assert(kM == 64 || kM == 128, "BLOCK_M must be 64 or 128 (the N of one wgmma)");
+static_assert(kGroups == 2, "WARPGROUPS: two warpgroups own the 128 keys");
+static_assert(kDqRowBlocks * kDqColBlocks == kGroups && kDqCols % 64 == 0 && kDqCols <= 128,
+              "the dQ tile must split into one 64-row block of whole 64-column blocks per warpgroup");
+static_assert(kStages == 2, "STAGES: the streamed tiles are double buffered");
+static_assert(128 % kM == 0, "BLOCK_M must divide the 128-row padding of L2 and D");
+static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA can have");
+static_assert(kSmemBytes == SMEM_BYTES, "the launcher's shared memory (SMEM_BYTES, from backward.py) must match this layout");
+
+using bwd_tiles::lds_f32x2;
+using bwd_tiles::Tensor;
+
+template <int ROWS>
+__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
+    bwd_tiles::load_tile<ROWS, kHeadDim, 2, kThreads, wg::Swizzle128<ROWS>>(smem, t, row0, nrows, ncols, vec, tid);
+}
+
+template <int NT>
+__device__ __forceinline__ void zero(float (&x)[NT][4]) {
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[i][e] = 0.f;
+}
+
+// The register A operand of the next product: k16 step kk packs n8 tiles 2kk, 2kk + 1 to 16 bits.
+template <int NT>
+__device__ __forceinline__ void pack(u32 (&a)[NT / 2][4], const float (&x)[NT][4]) {
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+        a[kk][0] = pack2<Elem>(x[2 * kk][0], x[2 * kk][1]);
+        a[kk][1] = pack2<Elem>(x[2 * kk][2], x[2 * kk][3]);
+        a[kk][2] = pack2<Elem>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+        a[kk][3] = pack2<Elem>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+    }
+}
+
+// acc (64 keys x N) = A_w B^T over HEAD_DIM: rows row0.. of the key tile sA and the N query rows of sB.
+template <int N>
+__device__ __forceinline__ void product_keys_by_queries(float (&acc)[N / 8][4], u32 sA, int row0, u32 sB) {
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+        wg::mma_ss<Elem, N, 0, 0>(acc, wg::k_major<kN>(sA, row0, kk), wg::k_major<N>(sB, 0, kk), kk > 0);
+}
+
+// acc (64 keys x HEAD_DIM) += X B over the kM queries: X in registers, B a [query][dim] tile.
+__device__ __forceinline__ void product_regs_by_queries(float (&acc)[kHeadDim / 8][4], const u32 (&x)[kM / 16][4],
+                                                        u32 sB) {
+#pragma unroll
+    for (int kk = 0; kk < kM / 16; ++kk) wg::mma_rs<Elem, kHeadDim, 1>(acc, x[kk], wg::mn_major<kM>(sB, 0, kk), 1);
+}
+
+}  // namespace bwd_wg
+}  // namespace cuflash
+
+using namespace cuflash;
+using namespace cuflash::bwd_wg;
+
+// Grid and work of a CTA: bwd_tiles::kv_work. With f32_out its partial sums of dK (already scaled)
+// and dV go to a float32 workspace indexed by split, summed later in a fixed order; otherwise
+// straight to dk and dv. Strides are in elements.
+extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
+flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
+               const void* __restrict__ dout, const float* __restrict__ l2, const float* __restrict__ dsum,
+               float* __restrict__ dq_accum, void* __restrict__ dk, void* __restrict__ dv, i64 q_sb, i64 q_ss,
+               i64 q_sh, i64 q_sd, i64 k_sb, i64 k_ss, i64 k_sh, i64 k_sd, i64 v_sb, i64 v_ss, i64 v_sh, i64 v_sd,
+               i64 do_sb, i64 do_ss, i64 do_sh, i64 do_sd, i64 dk_split, i64 dk_sb, i64 dk_ss, i64 dk_sh, i64 dk_sd,
+               i64 dv_split, i64 dv_sb, i64 dv_ss, i64 dv_sh, i64 dv_sd, int heads_q, int heads_kv, int group,
+               int heads_per_split, int splits, int seqlen_q, int seqlen_q_pad, int seqlen_k, int head_dim,
+               int head_dim_v, int causal, i64 causal_offset, float scale_log2, float scale, int n_tiles, int vec_in,
+               int f32_out) {
+    extern __shared__ __align__(128) char smem[];
+    const u32 s_base = (smem_addr(smem) + 1023u) & ~1023u;
+    const u32 sK = s_base, sV = s_base + kOffV, sDS = s_base + kOffDS;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, group_id = tid >> 7;
+    const int g = lane >> 2, t = lane & 3;
+    // This thread's accumulator rows: keys n_w + g, + 8 of the CTA's tile (warp (tid / 32) % 4 of
+    // warpgroup group_id); its dQ block: queries m_dq.., dims d_dq..
+    const int n_wg = group_id * 64;
+    const int n_w = n_wg + ((tid >> 5) & 3) * 16;
+    const int m_dq = (group_id % kDqRowBlocks) * 64, d_dq = (group_id / kDqRowBlocks) * kDqCols;
+
+    const bwd_tiles::KvWork work = bwd_tiles::kv_work<kN, kM>(n_tiles, splits, heads_kv, group, heads_per_split,
+                                                               causal, causal_offset, seqlen_q);
+    const i64 b = work.b;
+    const int h_kv = work.h_kv, key0 = work.key0;
+    const bool key_tail = key0 + kN > seqlen_k;
+
+    const bool vec = vec_in != 0;
+    const Tensor tk{static_cast<const char*>(k) + (b * k_sb + h_kv * k_sh) * 2, k_ss, k_sd};
+    const Tensor tv{static_cast<const char*>(v) + (b * v_sb + h_kv * v_sh) * 2, v_ss, v_sd};
+
+    auto load_stream = [&](bwd_tiles::KvStep x, int stage) {
+        const int h = x.h;
+        const int i0 = x.m * kM;
+        const Tensor tq{static_cast<const char*>(q) + (b * q_sb + static_cast<i64>(h) * q_sh) * 2, q_ss, q_sd};
+        const Tensor tdo{static_cast<const char*>(dout) + (b * do_sb + static_cast<i64>(h) * do_sh) * 2, do_ss, do_sd};
+        load_tile<kM>(s_base + kOffQ + stage * kQueryTileBytes, tq, i0, seqlen_q, head_dim, vec, tid);
+        load_tile<kM>(s_base + kOffDO + stage * kQueryTileBytes, tdo, i0, seqlen_q, head_dim_v, vec, tid);
+        const i64 vec_off = (b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0;
+        bwd_tiles::load_vec<kM, kThreads>(s_base + kOffL2 + stage * kVecBytes, l2 + vec_off, tid);
+        bwd_tiles::load_vec<kM, kThreads>(s_base + kOffD + stage * kVecBytes, dsum + vec_off, tid);
+    };
+
+    load_tile<kN>(sK, tk, key0, seqlen_k, head_dim, vec, tid);
+    load_tile<kN>(sV, tv, key0, seqlen_k, head_dim_v, vec, tid);
+    bwd_tiles::KvStep cur = work.first();
+    if (work.n_iter > 0) load_stream(cur, 0);
+    cp_async_commit();
+
+    float acc_dk[1][kHeadDim / 8][4], acc_dv[1][kHeadDim / 8][4];
+    zero(acc_dk[0]);
+    zero(acc_dv[0]);
+
+#pragma unroll 1
+    for (int it = 0; it < work.n_iter; ++it) {
+        const int stage = it & 1;
+        cp_async_wait<0>();
+        // Tile `it` is visible to the async proxy of every thread; every warpgroup is done with tile
+        // it-1 (whose stage is refilled below) and with the dS^T of it-1 (overwritten below).
+        wg::fence_async_smem();
+        __syncthreads();
+        const bwd_tiles::KvStep next = work.next(cur);
+        if (it + 1 < work.n_iter) load_stream(next, stage ^ 1);
+        cp_async_commit();
+
+        const int h = cur.h;
+        const int i0 = cur.m * kM;
+        cur = next;
+        const u32 sQ = s_base + kOffQ + stage * kQueryTileBytes;
+        const u32 sdO = s_base + kOffDO + stage * kQueryTileBytes;
+        const u32 sL2 = s_base + kOffL2 + stage * kVecBytes;
+        const u32 sD = s_base + kOffD + stage * kVecBytes;
+
+        float s[kM / 8][4], dp[kM / 8][4];
+        wg::fence();
+        product_keys_by_queries<kM>(s, sK, n_wg, sQ);
+        wg::commit();
+        product_keys_by_queries<kM>(dp, sV, n_wg, sdO);
+        wg::commit();
+        wg::wait<1>();
+        wg::pin(s);
+
+        // P^T = exp2(S^T * scale_log2 - L2) for keys n_w + g (+8) and this lane's query columns.
+        // Tiles needing no mask: K_j inside Sk and, when causal, all 16 keys of the warp visible to
+        // the tile's first query.
+        const bool mask = key_tail || (causal && static_cast<i64>(key0) + n_w + 15 > static_cast<i64>(i0) + causal_offset);
+        float2 l2c[kM / 8];
+#pragma unroll
+        for (int nt = 0; nt < kM / 8; ++nt) l2c[nt] = lds_f32x2(sL2 + (nt * 8 + 2 * t) * 4);
+        if (mask) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                // Key k is seen by the tile's queries with local index >= k - causal_offset - i0.
+                const int key = key0 + n_w + g + half * 8;
+                int bound = -1;
+                if (key >= seqlen_k) {
+                    bound = kM;
+                } else if (causal) {
+                    const i64 x = static_cast<i64>(key) - causal_offset - i0;
+                    bound = x > kM ? kM : (x < -1 ? -1 : static_cast<int>(x));
+                }
+#pragma unroll
+                for (int nt = 0; nt < kM / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        float& x = s[nt][half * 2 + e];
+                        const float p = exp2_approx(fmaf(x, scale_log2, -(e ? l2c[nt].y : l2c[nt].x)));
+                        x = nt * 8 + 2 * t + e < bound ? 0.f : p;
+                    }
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < kM / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float& x = s[nt][e];
+                    x = exp2_approx(fmaf(x, scale_log2, -((e & 1) ? l2c[nt].y : l2c[nt].x)));
+                }
+        }
+        u32 p16[kM / 16][4];
+        pack<kM / 8>(p16, s);
+        wg::fence();
+        product_regs_by_queries(acc_dv[0], p16, sdO);
+        wg::commit();
+        wg::wait<1>();
+        wg::pin(dp);
+
+        // dS^T = P^T o (dP^T - D), from the float32 P.
+#pragma unroll
+        for (int nt = 0; nt < kM / 8; ++nt) {
+            const float2 dc = lds_f32x2(sD + (nt * 8 + 2 * t) * 4);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - ((e & 1) ? dc.y : dc.x));
+        }
+        u32 ds16[kM / 16][4];
+        pack<kM / 8>(ds16, dp);
+        if constexpr (kDQAtomic) {
+            // dS^T rows n_w + g (+8), 16-bit, for the dQ product of every warpgroup.
+#pragma unroll
+            for (int kk = 0; kk < kM / 16; ++kk)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = n_w + g + (e & 1) * 8;
+                    const int chunk = 2 * kk + (e >> 1);
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sDS + wg::swizzle128<kN>(row, chunk) + t * 4),
+                                 "r"(ds16[kk][e])
+                                 : "memory");
+                }
+        }
+        wg::fence();
+        product_regs_by_queries(acc_dk[0], ds16, sQ);
+        wg::commit();
+
+        if constexpr (kDQAtomic) {
+            // dQ_i += dS K_j: dS is the transpose of the staged dS^T [key][query] (an MN-major A);
+            // K_j [key][dim] is MN-major too. Column blocks at or past head_dim would add zeros.
+            wg::fence_async_smem();
+            __syncthreads();
+            if (d_dq < head_dim) {
+                float dq[kDqCols / 8][4];
+                wg::fence();
+#pragma unroll
+                for (int kk = 0; kk < kN / 16; ++kk)
+                    wg::mma_ss<Elem, kDqCols, 1, 1>(dq, wg::mn_major<kN>(sDS, m_dq, kk), wg::mn_major<kN>(sK, d_dq, kk),
+                                                    kk > 0);
+                wg::commit();
+                wg::wait<0>();
+                wg::pin(dq);
+                float* const dq_rows = dq_accum +
+                                       ((b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0 + m_dq +
+                                        (n_w - n_wg)) * kHeadDim + d_dq;
+#pragma unroll
+                for (int np = 0; np < kDqCols / 16; ++np)
+                    if (d_dq + np * 16 < head_dim)
+                        bwd_tiles::add_dq_block<kHeadDim>(dq_rows + np * 16, dq[2 * np], dq[2 * np + 1], lane);
+            }
+        }
+        wg::wait<0>();
+        wg::pin(acc_dv[0]);
+        wg::pin(acc_dk[0]);
+        wg::pin(p16);
+        wg::pin(ds16);
+    }
+    cp_async_wait<0>();
+
+    const int row0 = key0 + n_w;
+    char* const dk_base = static_cast<char*>(dk) + (work.split * dk_split + b * dk_sb + h_kv * dk_sh) * (f32_out ? 4 : 2);
+    char* const dv_base = static_cast<char*>(dv) + (work.split * dv_split + b * dv_sb + h_kv * dv_sh) * (f32_out ? 4 : 2);
+    bwd_tiles::store_acc<Elem>(acc_dk, scale, dk_base, dk_ss, dk_sd, row0, seqlen_k, 0, head_dim, f32_out != 0, lane);
+    bwd_tiles::store_acc<Elem>(acc_dv, 1.f, dv_base, dv_ss, dv_sd, row0, seqlen_k, 0, head_dim_v, f32_out != 0, lane);
+}
