@@ -12,7 +12,7 @@
 //   DQ_ATOMIC: dS^T goes to shared memory; dQ_i += dS K_j with the (query, dim) tile cut into
 //   64 x 64 blocks, one per warpgroup, added to a float32 workspace with vector reductions.
 // The products of a warpgroup are issued back to back and waited for only where their results are
-// needed: the exponentials of P run while dP is computed, dS while dV is.
+// needed: the exponentials of P run while dP is computed, dS while dV is (kEarlyDV).
 //
 // Configuration (#define lines from cuflash/_cuda/backward.py, one table there):
 //   HEAD_DIM 64 or 128, bucket of max(D, Dv); smaller D/Dv are zero-padded on load
@@ -50,10 +50,17 @@ constexpr int kN = 64 * kGroups;
 constexpr int kThreads = 128 * kGroups;
 constexpr int kStages = STAGES;
 constexpr bool kDQAtomic = DQ_ATOMIC != 0;
-// dQ blocks: the BLOCK_M x HEAD_DIM tile in kDqRowBlocks x kDqColBlocks blocks of 64 x kDqCols.
+// dQ blocks: the BLOCK_M x HEAD_DIM tile in kDqRowBlocks x kDqColBlocks blocks of 64 x kDqCols
+// (whole 64-column swizzle blocks), one per warpgroup; with fewer blocks than warpgroups the
+// last warpgroups have none (one warpgroup's wgmma can keep every tensor core of the SM busy).
 constexpr int kDqRowBlocks = kM / 64;
-constexpr int kDqColBlocks = kGroups / kDqRowBlocks;
-constexpr int kDqCols = kHeadDim / kDqColBlocks;
+constexpr int kDqCols = kHeadDim * kDqRowBlocks / kGroups > 64 ? kHeadDim * kDqRowBlocks / kGroups : 64;
+constexpr int kDqColBlocks = kHeadDim / kDqCols;
+constexpr int kDqBlocks = kDqRowBlocks * kDqColBlocks;
+// dV's product is issued as soon as P is ready, to run beside the dS arithmetic, where the registers
+// allow: with 128-query tiles, S and dP (64 each) and P's 16-bit copy beside dK and dV spill, so
+// there dV waits for dS.
+constexpr bool kEarlyDV = kM <= 64;
 
 // Shared memory (Swizzle128 tiles, 1024-byte aligned): K_j, V_j, kStages each of Q_i and dO_i, dS^T
 // [key][query], kStages each of L2 and D. The launcher adds 1024 bytes so the base can be aligned.
@@ -72,8 +79,8 @@ constexpr int kSmemBytes = kOffD + kStages * kVecBytes + 1024;
 static_assert(kHeadDim == 64 || kHeadDim == 128, "HEAD_DIM must be 64 or 128 (whole 128-byte swizzle rows)");
 static_assert(kM == 64 || kM == 128, "BLOCK_M must be 64 or 128 (the N of one wgmma)");
 static_assert(kGroups == 2, "WARPGROUPS: two warpgroups own the 128 keys");
-static_assert(kDqRowBlocks * kDqColBlocks == kGroups && kDqCols % 64 == 0 && kDqCols <= 128,
-              "the dQ tile must split into one 64-row block of whole 64-column blocks per warpgroup");
+static_assert(kDqBlocks <= kGroups && kDqCols % 64 == 0 && kDqCols <= 128 && kDqCols * kDqColBlocks == kHeadDim,
+              "the dQ tile must split into at most one 64-row block of whole 64-column blocks per warpgroup");
 static_assert(kStages == 2, "STAGES: the streamed tiles are double buffered");
 static_assert(128 % kM == 0, "BLOCK_M must divide the 128-row padding of L2 and D");
 static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA can have");
@@ -143,7 +150,6 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
                int f32_out) {
     extern __shared__ __align__(128) char smem[];
     const u32 s_base = (smem_addr(smem) + 1023u) & ~1023u;
-    const u32 sK = s_base, sV = s_base + kOffV, sDS = s_base + kOffDS;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31, group_id = tid >> 7;
@@ -176,8 +182,8 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         bwd_tiles::load_vec<kM, kThreads>(s_base + kOffD + stage * kVecBytes, dsum + vec_off, tid);
     };
 
-    load_tile<kN>(sK, tk, key0, seqlen_k, head_dim, vec, tid);
-    load_tile<kN>(sV, tv, key0, seqlen_k, head_dim_v, vec, tid);
+    load_tile<kN>(s_base, tk, key0, seqlen_k, head_dim, vec, tid);
+    load_tile<kN>(s_base + kOffV, tv, key0, seqlen_k, head_dim_v, vec, tid);
     bwd_tiles::KvStep cur = work.first();
     if (work.n_iter > 0) load_stream(cur, 0);
     cp_async_commit();
@@ -201,10 +207,16 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         const int h = cur.h;
         const int i0 = cur.m * kM;
         cur = next;
-        const u32 sQ = s_base + kOffQ + stage * kQueryTileBytes;
-        const u32 sdO = s_base + kOffDO + stage * kQueryTileBytes;
-        const u32 sL2 = s_base + kOffL2 + stage * kVecBytes;
-        const u32 sD = s_base + kOffD + stage * kVecBytes;
+        // Every shared-memory address below derives from `base`, which the compiler must treat as
+        // new in each iteration: hoisted out of the loop, the invariant descriptors of K, V, dS^T
+        // and the dS^T store addresses held about 60 registers and the 128-query tiles spilled.
+        u32 base = s_base;
+        asm volatile("" : "+r"(base));
+        const u32 sK = base, sV = base + kOffV, sDS = base + kOffDS;
+        const u32 sQ = base + kOffQ + stage * kQueryTileBytes;
+        const u32 sdO = base + kOffDO + stage * kQueryTileBytes;
+        const u32 sL2 = base + kOffL2 + stage * kVecBytes;
+        const u32 sD = base + kOffD + stage * kVecBytes;
 
         float s[kM / 8][4], dp[kM / 8][4];
         wg::fence();
@@ -219,9 +231,8 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         // Tiles needing no mask: K_j inside Sk and, when causal, all 16 keys of the warp visible to
         // the tile's first query.
         const bool mask = key_tail || (causal && static_cast<i64>(key0) + n_w + 15 > static_cast<i64>(i0) + causal_offset);
-        float2 l2c[kM / 8];
-#pragma unroll
-        for (int nt = 0; nt < kM / 8; ++nt) l2c[nt] = lds_f32x2(sL2 + (nt * 8 + 2 * t) * 4);
+        // L2 of this lane's query columns nt * 8 + 2t, +1 is read where it is used (holding all of
+        // it beside S, dP, dK and dV would spill at 128-query tiles).
         if (mask) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
@@ -235,29 +246,37 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
                     bound = x > kM ? kM : (x < -1 ? -1 : static_cast<int>(x));
                 }
 #pragma unroll
-                for (int nt = 0; nt < kM / 8; ++nt)
+                for (int nt = 0; nt < kM / 8; ++nt) {
+                    const float2 l2c = lds_f32x2(sL2 + (nt * 8 + 2 * t) * 4);
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         float& x = s[nt][half * 2 + e];
-                        const float p = exp2_approx(fmaf(x, scale_log2, -(e ? l2c[nt].y : l2c[nt].x)));
+                        const float p = exp2_approx(fmaf(x, scale_log2, -(e ? l2c.y : l2c.x)));
                         x = nt * 8 + 2 * t + e < bound ? 0.f : p;
                     }
+                }
             }
         } else {
 #pragma unroll
-            for (int nt = 0; nt < kM / 8; ++nt)
+            for (int nt = 0; nt < kM / 8; ++nt) {
+                const float2 l2c = lds_f32x2(sL2 + (nt * 8 + 2 * t) * 4);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     float& x = s[nt][e];
-                    x = exp2_approx(fmaf(x, scale_log2, -((e & 1) ? l2c[nt].y : l2c[nt].x)));
+                    x = exp2_approx(fmaf(x, scale_log2, -((e & 1) ? l2c.y : l2c.x)));
                 }
+            }
         }
         u32 p16[kM / 16][4];
-        pack<kM / 8>(p16, s);
-        wg::fence();
-        product_regs_by_queries(acc_dv[0], p16, sdO);
-        wg::commit();
-        wg::wait<1>();
+        if constexpr (kEarlyDV) {
+            pack<kM / 8>(p16, s);
+            wg::fence();
+            product_regs_by_queries(acc_dv[0], p16, sdO);
+            wg::commit();
+            wg::wait<1>();
+        } else {
+            wg::wait<0>();
+        }
         wg::pin(dp);
 
         // dS^T = P^T o (dP^T - D), from the float32 P.
@@ -269,6 +288,12 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         }
         u32 ds16[kM / 16][4];
         pack<kM / 8>(ds16, dp);
+        if constexpr (!kEarlyDV) {
+            pack<kM / 8>(p16, s);
+            wg::fence();
+            product_regs_by_queries(acc_dv[0], p16, sdO);
+            wg::commit();
+        }
         if constexpr (kDQAtomic) {
             // dS^T rows n_w + g (+8), 16-bit, for the dQ product of every warpgroup.
 #pragma unroll
@@ -291,7 +316,7 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
             // K_j [key][dim] is MN-major too. Column blocks at or past head_dim would add zeros.
             wg::fence_async_smem();
             __syncthreads();
-            if (d_dq < head_dim) {
+            if (group_id < kDqBlocks && d_dq < head_dim) {
                 float dq[kDqCols / 8][4];
                 wg::fence();
 #pragma unroll
@@ -301,6 +326,8 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
                 wg::commit();
                 wg::wait<0>();
                 wg::pin(dq);
+                wg::pin(p16);
+                wg::pin(ds16);
                 float* const dq_rows = dq_accum +
                                        ((b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0 + m_dq +
                                         (n_w - n_wg)) * kHeadDim + d_dq;
@@ -313,8 +340,6 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         wg::wait<0>();
         wg::pin(acc_dv[0]);
         wg::pin(acc_dk[0]);
-        wg::pin(p16);
-        wg::pin(ds16);
     }
     cp_async_wait<0>();
 
