@@ -12,7 +12,8 @@
 //   DQ_ATOMIC: dS^T goes to shared memory; dQ_i += dS K_j with the (query, dim) tile cut into
 //   64 x 64 blocks, one per warpgroup, added to a float32 workspace with vector reductions.
 // The products of a warpgroup are issued back to back and waited for only where their results are
-// needed: the exponentials of P run while dP is computed, dS while dV is (kEarlyDV).
+// needed: the exponentials of P run while dP is computed, dS while dV is. With 128-query tiles dP
+// comes in two chunks of 64 queries, the second computed after the first one's dS.
 //
 // Configuration (#define lines from cuflash/_cuda/backward.py, one table there):
 //   HEAD_DIM 64 or 128, bucket of max(D, Dv); smaller D/Dv are zero-padded on load
@@ -57,10 +58,10 @@ constexpr int kDqRowBlocks = kM / 64;
 constexpr int kDqCols = kHeadDim * kDqRowBlocks / kGroups > 64 ? kHeadDim * kDqRowBlocks / kGroups : 64;
 constexpr int kDqColBlocks = kHeadDim / kDqCols;
 constexpr int kDqBlocks = kDqRowBlocks * kDqColBlocks;
-// dV's product is issued as soon as P is ready, to run beside the dS arithmetic, where the registers
-// allow: with 128-query tiles, S and dP (64 each) and P's 16-bit copy beside dK and dV spill, so
-// there dV waits for dS.
-constexpr bool kEarlyDV = kM <= 64;
+// dP^T is computed in chunks of kDpCols queries. With dQ at 128-query tiles, S and dP (64 registers
+// each) beside P's 16-bit copy, dK and dV do not fit in 255 registers: two chunks of 64. Without
+// dQ ptxas fits the whole tile (and spills with chunks), as it reports for each instantiation.
+constexpr int kDpCols = kDQAtomic ? 64 : kM;
 
 // Shared memory (Swizzle128 tiles, 1024-byte aligned): K_j, V_j, kStages each of Q_i and dO_i, dS^T
 // [key][query], kStages each of L2 and D. The launcher adds 1024 bytes so the base can be aligned.
@@ -103,23 +104,27 @@ __device__ __forceinline__ void zero(float (&x)[NT][4]) {
 }
 
 // The register A operand of the next product: k16 step kk packs n8 tiles 2kk, 2kk + 1 to 16 bits.
+__device__ __forceinline__ void pack_step(u32 (&a)[4], const float (&x0)[4], const float (&x1)[4]) {
+    a[0] = pack2<Elem>(x0[0], x0[1]);
+    a[1] = pack2<Elem>(x0[2], x0[3]);
+    a[2] = pack2<Elem>(x1[0], x1[1]);
+    a[3] = pack2<Elem>(x1[2], x1[3]);
+}
+
 template <int NT>
 __device__ __forceinline__ void pack(u32 (&a)[NT / 2][4], const float (&x)[NT][4]) {
 #pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-        a[kk][0] = pack2<Elem>(x[2 * kk][0], x[2 * kk][1]);
-        a[kk][1] = pack2<Elem>(x[2 * kk][2], x[2 * kk][3]);
-        a[kk][2] = pack2<Elem>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-        a[kk][3] = pack2<Elem>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-    }
+    for (int kk = 0; kk < NT / 2; ++kk) pack_step(a[kk], x[2 * kk], x[2 * kk + 1]);
 }
 
 // acc (64 keys x N) = A_w B^T over HEAD_DIM: rows row0.. of the key tile sA and the N query rows of sB.
+// acc (64 keys x N) = A_w B^T over HEAD_DIM: rows row0.. of the key tile sA, rows brow0.. of the
+// query tile sB.
 template <int N>
-__device__ __forceinline__ void product_keys_by_queries(float (&acc)[N / 8][4], u32 sA, int row0, u32 sB) {
+__device__ __forceinline__ void product_keys_by_queries(float (&acc)[N / 8][4], u32 sA, int row0, u32 sB, int brow0) {
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk)
-        wg::mma_ss<Elem, N, 0, 0>(acc, wg::k_major<kN>(sA, row0, kk), wg::k_major<N>(sB, 0, kk), kk > 0);
+        wg::mma_ss<Elem, N, 0, 0>(acc, wg::k_major<kN>(sA, row0, kk), wg::k_major<kM>(sB, brow0, kk), kk > 0);
 }
 
 // acc (64 keys x HEAD_DIM) += X B over the kM queries: X in registers, B a [query][dim] tile.
@@ -218,11 +223,11 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         const u32 sL2 = base + kOffL2 + stage * kVecBytes;
         const u32 sD = base + kOffD + stage * kVecBytes;
 
-        float s[kM / 8][4], dp[kM / 8][4];
+        float s[kM / 8][4], dp[kDpCols / 8][4];
         wg::fence();
-        product_keys_by_queries<kM>(s, sK, n_wg, sQ);
+        product_keys_by_queries<kM>(s, sK, n_wg, sQ, 0);
         wg::commit();
-        product_keys_by_queries<kM>(dp, sV, n_wg, sdO);
+        product_keys_by_queries<kDpCols>(dp, sV, n_wg, sdO, 0);
         wg::commit();
         wg::wait<1>();
         wg::pin(s);
@@ -268,31 +273,34 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
             }
         }
         u32 p16[kM / 16][4];
-        if constexpr (kEarlyDV) {
-            pack<kM / 8>(p16, s);
-            wg::fence();
-            product_regs_by_queries(acc_dv[0], p16, sdO);
-            wg::commit();
-            wg::wait<1>();
-        } else {
-            wg::wait<0>();
-        }
-        wg::pin(dp);
+        pack<kM / 8>(p16, s);
+        wg::fence();
+        product_regs_by_queries(acc_dv[0], p16, sdO);
+        wg::commit();
 
-        // dS^T = P^T o (dP^T - D), from the float32 P.
-#pragma unroll
-        for (int nt = 0; nt < kM / 8; ++nt) {
-            const float2 dc = lds_f32x2(sD + (nt * 8 + 2 * t) * 4);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - ((e & 1) ? dc.y : dc.x));
-        }
+        // dS^T = P^T o (dP^T - D), from the float32 P, one chunk of kDpCols queries at a time.
         u32 ds16[kM / 16][4];
-        pack<kM / 8>(ds16, dp);
-        if constexpr (!kEarlyDV) {
-            pack<kM / 8>(p16, s);
-            wg::fence();
-            product_regs_by_queries(acc_dv[0], p16, sdO);
-            wg::commit();
+#pragma unroll
+        for (int c = 0; c < kM / kDpCols; ++c) {
+            if (c > 0) {
+                wg::fence();
+                product_keys_by_queries<kDpCols>(dp, sV, n_wg, sdO, c * kDpCols);
+                wg::commit();
+            }
+            // Chunk 0 was issued before dV, which may stay in flight; later chunks come after it.
+            if (c == 0) wg::wait<1>();
+            else wg::wait<0>();
+            wg::pin(dp);
+#pragma unroll
+            for (int j = 0; j < kDpCols / 8; ++j) {
+                const int nt = c * (kDpCols / 8) + j;
+                const float2 dc = lds_f32x2(sD + (nt * 8 + 2 * t) * 4);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dp[j][e] = s[nt][e] * (dp[j][e] - ((e & 1) ? dc.y : dc.x));
+            }
+#pragma unroll
+            for (int kk = 0; kk < kDpCols / 16; ++kk)
+                pack_step(ds16[c * (kDpCols / 16) + kk], dp[2 * kk], dp[2 * kk + 1]);
         }
         if constexpr (kDQAtomic) {
             // dS^T rows n_w + g (+8), 16-bit, for the dQ product of every warpgroup.
