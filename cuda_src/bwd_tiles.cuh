@@ -1,5 +1,6 @@
-// Global-memory pieces shared by the backward's main kernels (flash_bwd.cu, flash_bwd_dkdv.cu):
-// tile loads into padded shared memory, and the float32 reductions of dQ into its workspace.
+// Pieces shared by the backward's main kernels (flash_bwd.cu, flash_bwd_dkdv.cu,
+// flash_bwd_dkdv_sm90.cu): tile loads into shared memory, the float32 reductions of dQ into its
+// workspace, the CTA work decode and the dK/dV stores.
 #pragma once
 
 #include "common.cuh"

@@ -4,12 +4,13 @@
 //   dK_j += scale * dS_ij^T Q_i,   dQ_i += scale * dS_ij K_j,   with D_i = rowsum(dO_i o O_i).
 //
 // Two kernels share one loop, written for a warp that owns 16 rows and streams tiles of columns:
-//   ROLE 0, flash_bwd_dkdv, float32 only (the 16-bit dK/dV kernel is flash_bwd_dkdv.cu): a CTA owns
-//     K_j, V_j (BLOCK_OWN keys) of one key/value head and streams Q_i, dO_i (BLOCK_STREAM queries) of
-//     every query head of its share of the GQA group, so dK_j and dV_j (summed over those heads) stay
-//     in registers. The warp computes the transposed tiles
-//     S^T = K_j Q_i^T and dP^T = V_j dO_i^T: their accumulator layout is exactly the A operand of
-//     dV += P^T dO and dK += dS^T Q, so P and dS never leave registers for those two products.
+//   ROLE 0, flash_bwd_dkdv, float32 only (the 16-bit dK/dV kernels are flash_bwd_dkdv.cu and
+//     flash_bwd_dkdv_sm90.cu): a CTA owns K_j, V_j (BLOCK_OWN keys) of one key/value head and
+//     streams Q_i, dO_i (BLOCK_STREAM queries) of every query head of its share of the GQA group,
+//     so dK_j and dV_j (summed over those heads) stay in registers. The warp computes the
+//     transposed tiles S^T = K_j Q_i^T and dP^T = V_j dO_i^T: their accumulator layout is exactly
+//     the A operand of dV += P^T dO and dK += dS^T Q, so P and dS never leave registers for those
+//     two products.
 //     With DQ_ATOMIC, dS^T also goes through shared memory for dQ_i += dS K_j, added to a float32
 //     workspace with atomics (run-to-run bit differences, as floating-point addition reorders).
 //   ROLE 1, flash_bwd_dq: a CTA owns Q_i, dO_i and streams K_j, V_j, accumulating dQ_i in registers

@@ -1,5 +1,6 @@
-"""Launcher of the backward kernels ``cuda_src/flash_bwd_dkdv.cu`` (float16/bfloat16 dK/dV),
-``cuda_src/flash_bwd.cu`` (float32 dK/dV and the deterministic dQ kernel) and
+"""Launcher of the backward kernels ``cuda_src/flash_bwd_dkdv_sm90.cu`` (float16/bfloat16 dK/dV
+with warpgroup MMA, sm_90 at head dims 64 and 128), ``cuda_src/flash_bwd_dkdv.cu`` (float16/bfloat16
+dK/dV elsewhere), ``cuda_src/flash_bwd.cu`` (float32 dK/dV and the deterministic dQ kernel) and
 ``cuda_src/flash_bwd_aux.cu``.
 
 The backward runs as up to four launches on CuPy's current stream:
@@ -8,9 +9,11 @@ The backward runs as up to four launches on CuPy's current stream:
    padded to a multiple of 128 rows; +inf where LSE = −inf so fully masked rows give P = 0).
 2. ``flash_bwd_dkdv``: one CTA per key tile K_j, V_j of a key/value head, streaming Q_i, dO_i of
    the query heads that share it; dK and dV stay in registers. By default (``deterministic=False``)
-   it also adds dQ = dS K_j into a float32 workspace with atomics. The 16-bit kernel passes P and
-   dS through shared memory between warp tiles of 32 rows (``KvConfig``); the float32 one keeps
-   them in registers of warps that own 16 keys (``Config``).
+   it also adds dQ = dS K_j into a float32 workspace with atomics. On sm_90 at head dims 64 and
+   128 the 16-bit kernel uses warpgroup MMA, two warpgroups of 64 keys keeping P and dS in registers
+   (``WgConfig``); elsewhere the 16-bit kernel passes P and dS through shared memory between warp
+   tiles of 32 rows (``KvConfig``); the float32 one keeps them in registers of warps that own 16
+   keys (``Config``).
 3. ``flash_bwd_dq`` (``deterministic=True`` only): one CTA per query tile, looping over key tiles
    and accumulating dQ in registers, so dq is bitwise reproducible. It recomputes S and dP: the
    backward then does 7 tile products instead of 5, about 1.4× the tensor-core work of the atomic path.
