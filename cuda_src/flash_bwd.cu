@@ -509,8 +509,6 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     float acc_dk[kAccTiles][4], acc_dv[kAccTiles][4];
     zero_acc(acc_dk);
     zero_acc(acc_dv);
-    const u32 sK_w = sK + rg * 16 * kRowBytes;
-    const u32 sV_w = sV + rg * 16 * kRowBytes;
     const int acc_col0 = ds * kAccCols;
 
     // dQ_i += dS K_j for the tile of iteration `it` from its staged dS^T, added to the float32 workspace
@@ -555,10 +553,17 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         cp_async_commit();
 
         const int i0 = step.m * kStream;
-        const u32 sQ = s_base + kOffStreamA + stage * kStreamStride;
-        const u32 sdO = s_base + kOffStreamB + stage * kStreamStride;
-        const u32 sL2 = s_base + kOffL2 + stage * kVecBytes;
-        const u32 sD = s_base + kOffD + stage * kVecBytes;
+        // Every shared-memory address below derives from `base`, which the compiler must treat as
+        // new in each iteration: hoisted out of the loop, the invariant K_j/V_j fragment addresses
+        // held registers for the whole loop and the 128 x 16 tile spilled.
+        u32 base = s_base;
+        asm volatile("" : "+r"(base));
+        const u32 sK_w = base + rg * 16 * kRowBytes;
+        const u32 sV_w = base + kOffOwnB + rg * 16 * kRowBytes;
+        const u32 sQ = base + kOffStreamA + stage * kStreamStride;
+        const u32 sdO = base + kOffStreamB + stage * kStreamStride;
+        const u32 sL2 = base + kOffL2 + stage * kVecBytes;
+        const u32 sD = base + kOffD + stage * kVecBytes;
         const bool mask = key_tail || (causal && static_cast<i64>(key0) + kOwn - 1 > static_cast<i64>(i0) + causal_offset);
         const int key_w = key0 + rg * 16 + g;  // key of accumulator rows g (+8 for the upper half)
 

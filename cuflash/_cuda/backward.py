@@ -169,7 +169,7 @@ CONFIGS = {
         32: Entry(_C(128, 32, 8, split_stream=True), _C(64, 32, 8, 2)),
         64: Entry(_C(128, 32, 8, split_stream=True), _C(64, 32, 8, 2)),
         96: Entry(_C(128, 16, 8, split_stream=True), _C(64, 32, 8, 2)),
-        128: Entry(_C(64, 32, 8, 2, split_stream=True), _C(64, 32, 8, 2)),
+        128: Entry(_C(128, 16, 8, split_stream=True), _C(64, 32, 8, 2)),
         160: Entry(_C(64, 16, 8, 2, split_stream=True), _C(32, 16, 8, 4)),
         192: Entry(_C(64, 16, 8, 2, split_stream=True), _C(32, 16, 8, 4)),
         224: Entry(_C(64, 16, 8, 2), _C(32, 16, 8, 4)),
