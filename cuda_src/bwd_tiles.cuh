@@ -168,9 +168,12 @@ __device__ __forceinline__ KvWork kv_work(int n_tiles, int splits, int heads_kv,
     return w;
 }
 
+template <typename Elem> constexpr bool kIsFloat = false;
+template <> constexpr bool kIsFloat<float> = true;
+
 // Writes mul * acc (a warp tile in the mma accumulator layout: MT m16 rows from row0 by NT n8
-// columns from col0) to a (seq, dim) view, in Elem or, for GQA partial sums, in float32; rows >=
-// nrows and cols >= ncols are skipped.
+// columns from col0) to a (seq, dim) view, in Elem (Half, BFloat16 or float) or, for GQA partial
+// sums, in float32; rows >= nrows and cols >= ncols are skipped.
 template <typename Elem, int MT, int NT>
 __device__ __forceinline__ void store_acc(const float (&acc)[MT][NT][4], float mul, char* base, i64 stride_s,
                                           i64 stride_d, int row0, int nrows, int col0, int ncols, bool f32_out,
@@ -187,9 +190,22 @@ __device__ __forceinline__ void store_acc(const float (&acc)[MT][NT][4], float m
                 if (row >= nrows || col >= ncols) continue;
                 const float val = acc[mt][nt][e] * mul;
                 const i64 off = static_cast<i64>(row) * stride_s + static_cast<i64>(col) * stride_d;
-                if (f32_out) reinterpret_cast<float*>(base)[off] = val;
-                else reinterpret_cast<u16*>(base)[off] = from_float<Elem>(val);
+                if constexpr (kIsFloat<Elem>) {
+                    reinterpret_cast<float*>(base)[off] = val;
+                } else {
+                    if (f32_out) reinterpret_cast<float*>(base)[off] = val;
+                    else reinterpret_cast<u16*>(base)[off] = from_float<Elem>(val);
+                }
             }
+}
+
+// The same for a warp tile of one m16 row block.
+template <typename Elem, int NT>
+__device__ __forceinline__ void store_acc(const float (&acc)[NT][4], float mul, char* base, i64 stride_s,
+                                          i64 stride_d, int row0, int nrows, int col0, int ncols, bool f32_out,
+                                          int lane) {
+    store_acc<Elem>(reinterpret_cast<const float(&)[1][NT][4]>(acc), mul, base, stride_s, stride_d, row0, nrows, col0,
+                    ncols, f32_out, lane);
 }
 
 __device__ __forceinline__ float2 lds_f32x2(u32 addr) {

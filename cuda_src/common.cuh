@@ -116,6 +116,15 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return static_cast<u32>(__cvta_generic_to_shared(p));
 }
 
+// x, as a value the compiler must treat as new at this point. Called on the shared-memory base at
+// the top of a tile loop, it keeps the loop-invariant addresses (and wgmma descriptors) derived
+// from it inside the loop, computed where used, instead of hoisted out and holding registers
+// across the whole loop.
+__device__ __forceinline__ u32 fresh(u32 x) {
+    asm volatile("" : "+r"(x));
+    return x;
+}
+
 // Asynchronous 16-byte global->shared copy that zero-fills: src_bytes (0..16) bytes are read,
 // the rest of the 16 destination bytes become 0. With src_bytes == 0 nothing is read, but `src`
 // must still be a valid address (pass the tensor's base pointer). Both addresses 16-byte aligned.

@@ -396,33 +396,6 @@ __device__ __forceinline__ void zero_acc(float (&x)[kAccTiles][4]) {
         for (int e = 0; e < 4; ++e) x[i][e] = 0.f;
 }
 
-// Writes mul * acc (this warp's 16 rows x kAccCols columns from col0) to a (seq, dim) view, in the
-// input dtype or, for GQA partial sums, in float32; rows >= nrows and cols >= ncols are skipped.
-__device__ __forceinline__ void store_acc(const float (&acc)[kAccTiles][4], float mul, char* base, i64 stride_s,
-                                          i64 stride_d, int row0, int nrows, int col0, int ncols, bool f32_out,
-                                          int lane) {
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int nt = 0; nt < kAccTiles; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = row0 + g + (e >> 1) * 8;
-            const int col = col0 + nt * 8 + 2 * t + (e & 1);
-            if (row >= nrows || col >= ncols) continue;
-            const float val = acc[nt][e] * mul;
-            const i64 off = static_cast<i64>(row) * stride_s + static_cast<i64>(col) * stride_d;
-            if (f32_out) {
-                reinterpret_cast<float*>(base)[off] = val;
-            } else {
-#if DTYPE == 3
-                reinterpret_cast<float*>(base)[off] = val;
-#else
-                reinterpret_cast<u16*>(base)[off] = from_float<Elem>(val);
-#endif
-            }
-        }
-}
-
 // Turns the scores x (16 rows x kStream columns) into P = exp2(x * scale_log2 - L2) in place; l2_of(row
 // half, column) supplies L2 of the query of that entry. With `mask`, the visible columns of row half
 // h are those >= bound[h] (dK/dV kernel: rows are keys, a key is seen from some query on) or
@@ -553,11 +526,9 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         cp_async_commit();
 
         const int i0 = step.m * kStream;
-        // Every shared-memory address below derives from `base`, which the compiler must treat as
-        // new in each iteration: hoisted out of the loop, the invariant K_j/V_j fragment addresses
-        // held registers for the whole loop and the 128 x 16 tile spilled.
-        u32 base = s_base;
-        asm volatile("" : "+r"(base));
+        // Addresses from a fresh base: hoisted out of the loop, the invariant K_j/V_j fragment
+        // addresses held registers for the whole loop and the 128 x 16 tile spilled.
+        const u32 base = fresh(s_base);
         const u32 sK_w = base + rg * 16 * kRowBytes;
         const u32 sV_w = base + kOffOwnB + rg * 16 * kRowBytes;
         const u32 sQ = base + kOffStreamA + stage * kStreamStride;
@@ -622,8 +593,8 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
                           (split * dk_split + b * dk_sb + h_kv * dk_sh) * (f32_out ? 4 : kElemBytes);
     char* const dv_base = static_cast<char*>(dv) +
                           (split * dv_split + b * dv_sb + h_kv * dv_sh) * (f32_out ? 4 : kElemBytes);
-    store_acc(acc_dk, scale, dk_base, dk_ss, dk_sd, row0, seqlen_k, acc_col0, head_dim, f32_out != 0, lane);
-    store_acc(acc_dv, 1.f, dv_base, dv_ss, dv_sd, row0, seqlen_k, acc_col0, head_dim_v, f32_out != 0, lane);
+    bwd_tiles::store_acc<Elem>(acc_dk, scale, dk_base, dk_ss, dk_sd, row0, seqlen_k, acc_col0, head_dim, f32_out != 0, lane);
+    bwd_tiles::store_acc<Elem>(acc_dv, 1.f, dv_base, dv_ss, dv_sd, row0, seqlen_k, acc_col0, head_dim_v, f32_out != 0, lane);
 }
 #endif
 
@@ -739,6 +710,6 @@ flash_bwd_dq(const void* __restrict__ q, const void* __restrict__ k, const void*
     cp_async_wait<0>();
 
     char* const dq_base = static_cast<char*>(dq) + (b * dq_sb + h * dq_sh) * kElemBytes;
-    store_acc(acc_dq, scale, dq_base, dq_ss, dq_sd, row0 + rg * 16, seqlen_q, acc_col0, head_dim, false, lane);
+    bwd_tiles::store_acc<Elem>(acc_dq, scale, dq_base, dq_ss, dq_sd, row0 + rg * 16, seqlen_q, acc_col0, head_dim, false, lane);
 }
 #endif

@@ -212,11 +212,9 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         const int h = cur.h;
         const int i0 = cur.m * kM;
         cur = next;
-        // Every shared-memory address below derives from `base`, which the compiler must treat as
-        // new in each iteration: hoisted out of the loop, the invariant descriptors of K, V, dS^T
-        // and the dS^T store addresses held about 60 registers and the 128-query tiles spilled.
-        u32 base = s_base;
-        asm volatile("" : "+r"(base));
+        // Addresses and descriptors from a fresh base, computed where used rather than held across
+        // the loop (the invariant ones of K, V and dS^T would be about 60 registers).
+        const u32 base = fresh(s_base);
         const u32 sK = base, sV = base + kOffV, sDS = base + kOffDS;
         const u32 sQ = base + kOffQ + stage * kQueryTileBytes;
         const u32 sdO = base + kOffDO + stage * kQueryTileBytes;
