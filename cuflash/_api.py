@@ -23,8 +23,18 @@ _SEMANTICS = """
                          1 0
                          1 1
 
-    causal_alignment="top_left" gives PyTorch's ``is_causal`` (j <= i). A row that sees no key
-    (all masked, or Sk = 0) has out = 0 and lse = −inf, and gets zero gradients: never NaN.
+    causal_alignment="top_left" gives PyTorch's ``is_causal`` (j <= i).
+
+    window=(left, right) restricts query i to keys i + off − left <= j <= i + off + right
+    (sliding-window / local attention), with the same alignment offset off as causal (Sk − Sq
+    bottom-right, 0 top-left); None on a side leaves it unbounded, and causal=True is right = 0.
+
+    softcap=c replaces S by c · tanh(S / c) before the softmax; alibi_slopes (float32, shape (Hq,)
+    or (B, Hq)) adds −slope · |i + off − j| to S (ALiBi). Both are differentiated through in the
+    backward (the slopes get no gradient).
+
+    A row that sees no key (all masked, or Sk = 0) has out = 0 and lse = −inf, and gets zero
+    gradients: never NaN.
 """
 
 
@@ -32,9 +42,10 @@ def _doc(text):
     return text.replace("%(semantics)s", _SEMANTICS)
 
 
-def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", scale=None, return_lse=False,
-              backend="auto"):
-    out, lse, origin = _forward(q, k, v, causal, causal_alignment, scale, backend, "cuflash.attention")
+def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
+              alibi_slopes=None, scale=None, return_lse=False, backend="auto"):
+    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
+    out, lse, origin = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention")
     return (export(out, origin), export(lse, origin)) if return_lse else export(out, origin)
 
 
@@ -47,6 +58,14 @@ attention.__doc__ = _doc("""Exact attention softmax(scale · Q Kᵀ) V, computed
     causal : bool
         Mask keys after each query (see the alignment rule above).
     causal_alignment : {"bottom_right", "top_left"}
+        Alignment of the causal mask and of the window when Sq != Sk.
+    window : (left, right), optional
+        Sliding-window (local) attention: sizes of the band below and above the aligned
+        diagonal; None on a side (or window=None) leaves that side unbounded.
+    softcap : float, optional
+        Logit soft-capping c > 0: S becomes c · tanh(S / c). None or 0 disables it.
+    alibi_slopes : array of shape (Hq,) or (B, Hq), float32, optional
+        ALiBi: adds −slope[b, h] · |i + off − j| to S. Same framework and device as q.
     scale : float, optional
         Multiplies Q Kᵀ; defaults to 1/sqrt(D).
     return_lse : bool
@@ -73,25 +92,35 @@ attention.__doc__ = _doc("""Exact attention softmax(scale · Q Kᵀ) V, computed
 """)
 
 
-def _forward(q, k, v, causal, causal_alignment, scale, backend, what):
-    (q, k, v), origin = import_operands(what, q=q, k=k, v=v)
-    problem = check_forward(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
-                            backend=backend, what=what)
+def _import(what, alibi_slopes, **operands):
+    """The operands (and the ALiBi slopes, when given) as NumPy/CuPy arrays, and their origin."""
+    if alibi_slopes is not None:
+        operands["alibi_slopes"] = alibi_slopes
+    arrays, origin = import_operands(what, **operands)
+    slopes = arrays.pop() if alibi_slopes is not None else None
+    return arrays, slopes, origin
+
+
+def _forward(q, k, v, alibi_slopes, options, backend, what):
+    (q, k, v), slopes, origin = _import(what, alibi_slopes, q=q, k=k, v=v)
+    problem = check_forward(q, k, v, alibi_slopes=slopes, backend=backend, what=what, **options)
     chosen = _dispatch.select(backend, problem, origin)
     with origin.context():
-        out, lse = chosen.forward(q, k, v, problem)
+        out, lse = chosen.forward(q, k, v, slopes, problem)
     return out, lse, origin
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, causal_alignment="bottom_right", scale=None,
-                       deterministic=False, backend="auto"):
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, causal_alignment="bottom_right", window=None,
+                       softcap=None, alibi_slopes=None, scale=None, deterministic=False, backend="auto"):
     what = "cuflash.attention_backward"
-    (dout, q, k, v, out, lse), origin = import_operands(what, dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+    (dout, q, k, v, out, lse), slopes, origin = _import(what, alibi_slopes, dout=dout, q=q, k=k, v=v, out=out,
+                                                        lse=lse)
     problem = check_backward(dout, q, k, v, out, lse, causal=causal, causal_alignment=causal_alignment,
-                             scale=scale, deterministic=deterministic, backend=backend, what=what)
+                             window=window, softcap=softcap, alibi_slopes=slopes, scale=scale,
+                             deterministic=deterministic, backend=backend, what=what)
     chosen = _dispatch.select(backend, problem, origin)
     with origin.context():
-        grads = chosen.backward(dout, q, k, v, out, lse, problem, bool(deterministic))
+        grads = chosen.backward(dout, q, k, v, out, lse, slopes, problem, bool(deterministic))
     return tuple(export(g, origin) for g in grads)
 
 
@@ -106,7 +135,7 @@ attention_backward.__doc__ = _doc("""Gradients (dq, dk, dv) of attention, given 
     dout : array (B, Sq, Hq, Dv), the dtype of q
     q, k, v : the forward's inputs
     out, lse : the forward's outputs (``attention(..., return_lse=True)``)
-    causal, causal_alignment, scale, backend :
+    causal, causal_alignment, window, softcap, alibi_slopes, scale, backend :
         As in ``attention``; they must match the forward call.
     deterministic : bool
         GPU only: accumulate dq without atomics, so repeated calls give bitwise-identical
@@ -118,8 +147,8 @@ attention_backward.__doc__ = _doc("""Gradients (dq, dk, dv) of attention, given 
 """)
 
 
-def attention_vjp(q, k, v, *, causal=False, causal_alignment="bottom_right", scale=None, deterministic=False,
-                  backend="auto"):
+def attention_vjp(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
+                  alibi_slopes=None, scale=None, deterministic=False, backend="auto"):
     """Attention for code without autograd: returns ``out`` and a function ``vjp(dout) -> (dq, dk, dv)``.
 
     Runs the forward once (keeping its lse), and each ``vjp`` call runs the backward on the saved
@@ -130,12 +159,13 @@ def attention_vjp(q, k, v, *, causal=False, causal_alignment="bottom_right", sca
     >>> out, vjp = cuflash.attention_vjp(q, k, v, causal=True)
     >>> dq, dk, dv = vjp(dout)
     """
-    out, lse, origin = _forward(q, k, v, causal, causal_alignment, scale, backend, "cuflash.attention_vjp")
+    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
+    out, lse, origin = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention_vjp")
     caller_out = export(out, origin)
     saved = (q, k, v, caller_out, export(lse, origin))
 
     def vjp(dout):
-        return attention_backward(dout, *saved, causal=causal, causal_alignment=causal_alignment, scale=scale,
-                                  deterministic=deterministic, backend=backend)
+        return attention_backward(dout, *saved, alibi_slopes=alibi_slopes, deterministic=deterministic,
+                                  backend=backend, **options)
 
     return caller_out, vjp

@@ -30,17 +30,19 @@ class NumpyBackend:
     def refusal(self, problem):
         return None
 
-    def forward(self, q, k, v, problem):
+    def forward(self, q, k, v, slopes, problem):
         q, k, v = map(_to_host, (q, k, v))
+        slopes = None if slopes is None else _to_host(slopes)
         out = _empty(numpy, problem.out_shape, problem.dtype)
         lse = _empty(numpy, problem.lse_shape, problem.accum_dtype)
-        _numpy_backend.forward(q, k, v, out, lse, problem)
+        _numpy_backend.forward(q, k, v, slopes, out, lse, problem)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, problem, deterministic):
+    def backward(self, dout, q, k, v, out, lse, slopes, problem, deterministic):
         dout, q, k, v, out, lse = map(_to_host, (dout, q, k, v, out, lse))
+        slopes = None if slopes is None else _to_host(slopes)
         dq, dk, dv = (_empty(numpy, x.shape, problem.dtype) for x in (q, k, v))
-        _numpy_backend.backward(dout, q, k, v, out, lse, dq, dk, dv, problem)
+        _numpy_backend.backward(dout, q, k, v, out, lse, slopes, dq, dk, dv, problem)
         return dq, dk, dv
 
 
@@ -64,29 +66,31 @@ class CudaBackend:
 
         return [cupy.asarray(x) for x in arrays]
 
-    def forward(self, q, k, v, problem):
+    def forward(self, q, k, v, slopes, problem):
         import cupy
 
         from ._cuda.forward import flash_forward
 
         q, k, v = self._device_arrays(q, k, v)
+        slopes = None if slopes is None else cupy.asarray(slopes)
         with cupy.cuda.Device(q.device.id):
             out = _empty(cupy, problem.out_shape, problem.dtype)
             lse = _empty(cupy, problem.lse_shape, numpy.float32)
             if out.size or lse.size:
-                flash_forward(q, k, v, out, lse, problem)
+                flash_forward(q, k, v, slopes, out, lse, problem)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, problem, deterministic):
+    def backward(self, dout, q, k, v, out, lse, slopes, problem, deterministic):
         import cupy
 
         from ._cuda.backward import flash_backward
 
         dout, q, k, v, out, lse = self._device_arrays(dout, q, k, v, out, lse)
+        slopes = None if slopes is None else cupy.asarray(slopes)
         with cupy.cuda.Device(q.device.id):
             dq, dk, dv = (_empty(cupy, x.shape, problem.dtype) for x in (q, k, v))
             if dq.size or dk.size or dv.size:
-                flash_backward(dout, q, k, v, out, lse, dq, dk, dv, problem, deterministic)
+                flash_backward(dout, q, k, v, out, lse, slopes, dq, dk, dv, problem, deterministic)
         return dq, dk, dv
 
 

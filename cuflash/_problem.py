@@ -8,8 +8,11 @@ operand involved.
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy
+
+from ._mask import MaskSpec
 
 ALIGNMENTS = ("bottom_right", "top_left")
 BACKENDS = ("auto", "numpy", "cuda")
@@ -22,8 +25,12 @@ _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 class Problem:
     """Sizes and options of one attention call, already checked and resolved.
 
-    Query i may see key j iff ``not causal or j <= i + causal_offset``; ``causal_offset`` is
-    ``seqlen_k - seqlen_q`` for the bottom-right alignment and 0 for top-left.
+    The mask is a band (``mask``, a ``MaskSpec``): query i may see key j iff
+    ``i + mask_offset - window_left <= j <= i + mask_offset + window_right`` (None: unbounded),
+    where ``mask_offset`` is ``seqlen_k - seqlen_q`` for the bottom-right alignment and 0 for
+    top-left; ``causal=True`` has been folded into ``window_right = 0``. Score modifiers:
+    ``softcap`` (0.0: off) and ``alibi`` ("none", "head" for slopes of shape (Hq,), "batch_head"
+    for (B, Hq)); the slopes themselves are an operand.
     """
 
     batch: int
@@ -35,7 +42,11 @@ class Problem:
     head_dim_v: int
     dtype: numpy.dtype
     causal: bool
-    causal_offset: int
+    mask_offset: int
+    window_left: Optional[int]
+    window_right: Optional[int]
+    softcap: float
+    alibi: str
     scale: float
 
     @property
@@ -49,17 +60,21 @@ class Problem:
         return numpy.dtype(numpy.float64 if self.dtype == numpy.float64 else numpy.float32)
 
     @property
+    def mask(self):
+        return MaskSpec(self.seqlen_q, self.seqlen_k, self.mask_offset, self.window_left, self.window_right)
+
+    @property
+    def score_mods(self):
+        """The score modifiers in use, by name ("softcap", "alibi"), in a fixed order."""
+        return tuple(name for name, on in (("softcap", self.softcap > 0), ("alibi", self.alibi != "none")) if on)
+
+    @property
     def out_shape(self):
         return (self.batch, self.seqlen_q, self.heads_q, self.head_dim_v)
 
     @property
     def lse_shape(self):
         return (self.batch, self.heads_q, self.seqlen_q)
-
-
-def visible(i, j, offset):
-    """Causal visibility of key j to query i (broadcasting over index arrays)."""
-    return j <= i + offset
 
 
 def is_float_dtype(dtype):
@@ -87,18 +102,87 @@ class _Problems:
         raise (TypeError if self.type_errors else ValueError)(text)
 
 
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, numpy.bool_))
+
+
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, numpy.bool_))
+
+
 def _check_options(problems, causal, causal_alignment, scale, backend):
     if not isinstance(causal, (bool, numpy.bool_)):
         problems.type(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(causal_alignment, str) or causal_alignment not in ALIGNMENTS:
         problems.value(f"causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
     if scale is not None:
-        if isinstance(scale, (bool, numpy.bool_)) or not isinstance(scale, numbers.Real):
+        if not _is_real(scale):
             problems.type(f"scale must be a real number or None, got {type(scale).__name__}")
         elif not math.isfinite(float(scale)):
             problems.value(f"scale must be finite, got {scale!r}")
     if not isinstance(backend, str) or backend not in BACKENDS:
         problems.value(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_window(problems, window, causal):
+    """``window`` as ``(left, right)`` with None for unbounded sides, causal folded into right = 0;
+    None where the value is unusable (the problem is recorded)."""
+    if window is None:
+        window = (None, None)
+    elif not isinstance(window, (tuple, list)) or len(window) != 2:
+        problems.type(f"window must be None or a pair (left, right) of non-negative ints or None, got {window!r}")
+        return None
+    sides = []
+    for side, size in zip(("left", "right"), window):
+        if size is None:
+            sides.append(None)
+        elif not _is_int(size):
+            problems.type(f"window {side} size must be a non-negative int or None, got {type(size).__name__}")
+            return None
+        elif size < 0:
+            problems.value(f"window {side} size must be non-negative (None for unbounded), got {size}")
+            return None
+        else:
+            sides.append(int(size))
+    left, right = sides
+    if causal is True or causal is numpy.True_:
+        if right not in (None, 0):
+            problems.value(f"causal=True means a right window size of 0; got window={tuple(window)!r} "
+                           "(pass window=(left, 0), or causal=False with the window you mean)")
+            return None
+        right = 0
+    return left, right
+
+
+def _check_softcap(problems, softcap):
+    """The softcap as a float (0.0: off)."""
+    if softcap is None:
+        return 0.0
+    if not _is_real(softcap):
+        problems.type(f"softcap must be a positive real number or None, got {type(softcap).__name__}")
+        return 0.0
+    value = float(softcap)
+    if value == 0.0:
+        return 0.0
+    if not math.isfinite(value) or value < 0:
+        problems.value(f"softcap must be positive and finite (None or 0 to disable), got {softcap!r}")
+        return 0.0
+    return value
+
+
+def _check_alibi(problems, slopes, batch, heads_q):
+    """"none", "head" or "batch_head" for ALiBi slopes of shape (Hq,) or (B, Hq), float32."""
+    if slopes is None:
+        return "none"
+    if numpy.dtype(slopes.dtype) != numpy.float32:
+        problems.type(f"alibi_slopes has dtype {numpy.dtype(slopes.dtype)}; expected float32")
+    shape = tuple(slopes.shape)
+    if shape == (heads_q,):
+        return "head"
+    if shape == (batch, heads_q):
+        return "batch_head"
+    problems.value(f"alibi_slopes must have shape (Hq,) = ({heads_q},) or (B, Hq) = ({batch}, {heads_q}), got {shape}")
+    return "none"
 
 
 def _check_dtypes(problems, named):
@@ -117,10 +201,13 @@ def _check_dtypes(problems, named):
     return next(iter(dtypes.values()), None)
 
 
-def check_forward(q, k, v, *, causal, causal_alignment, scale, backend, what="cuflash.attention"):
+def check_forward(q, k, v, *, causal, causal_alignment, scale, backend, window=None, softcap=None,
+                  alibi_slopes=None, what="cuflash.attention"):
     """Check the operands and options of a forward call; return the resolved ``Problem``."""
     problems = _Problems()
     _check_options(problems, causal, causal_alignment, scale, backend)
+    sides = _check_window(problems, window, causal)
+    cap = _check_softcap(problems, softcap)
     named = {"q": q, "k": k, "v": v}
     dtype = _check_dtypes(problems, named)
     bad_ndim = [name for name, x in named.items() if x.ndim != 4]
@@ -144,20 +231,23 @@ def check_forward(q, k, v, *, causal, causal_alignment, scale, backend, what="cu
     for name, d in (("q and k", D), ("v", Dv)):
         if not 1 <= d <= MAX_HEAD_DIM:
             problems.value(f"head_dim of {name} must be in 1..{MAX_HEAD_DIM}, got {d}")
+    alibi = _check_alibi(problems, alibi_slopes, B, Hq)
     problems.raise_if_any(what)
+    left, right = sides
     return Problem(
         batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=Hkv, head_dim=D, head_dim_v=Dv,
         dtype=dtype, causal=bool(causal),
-        causal_offset=(Sk - Sq) if causal_alignment == "bottom_right" else 0,
+        mask_offset=(Sk - Sq) if causal_alignment == "bottom_right" else 0,
+        window_left=left, window_right=right, softcap=cap, alibi=alibi,
         scale=(1.0 / math.sqrt(D)) if scale is None else float(scale),
     )
 
 
-def check_backward(dout, q, k, v, out, lse, *, causal, causal_alignment, scale, deterministic, backend,
-                   what="cuflash.attention_backward"):
+def check_backward(dout, q, k, v, out, lse, *, causal, causal_alignment, scale, deterministic, backend, window=None,
+                   softcap=None, alibi_slopes=None, what="cuflash.attention_backward"):
     """Check a backward call: the forward's checks plus dout, out and lse against them."""
-    problem = check_forward(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
-                            backend=backend, what=what)
+    problem = check_forward(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale, backend=backend,
+                            window=window, softcap=softcap, alibi_slopes=alibi_slopes, what=what)
     problems = _Problems()
     if not isinstance(deterministic, (bool, numpy.bool_)):
         problems.type(f"deterministic must be a bool, got {type(deterministic).__name__}")
