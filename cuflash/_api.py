@@ -1,4 +1,9 @@
-"""The public functions: check, pick a backend, run, hand results back in the caller's type."""
+"""The public functions: check, pick a backend, run, hand results back in the caller's type.
+
+A call's checks and backend choice depend only on the operands' shapes and dtypes and on the
+options, so they are made once per such combination and kept (``_plan``): a repeated call pays
+for a dictionary lookup instead. Arrays themselves (pointers, strides) are never part of the key.
+"""
 
 from . import _dispatch
 from ._interop import export, import_operands
@@ -45,8 +50,8 @@ def _doc(text):
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
               alibi_slopes=None, scale=None, return_lse=False, backend="auto"):
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
-    out, lse, origin = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention")
-    return (export(out, origin), export(lse, origin)) if return_lse else export(out, origin)
+    out, lse = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention")
+    return (out, lse) if return_lse else out
 
 
 attention.__doc__ = _doc("""Exact attention softmax(scale · Q Kᵀ) V, computed tile by tile (FlashAttention).
@@ -101,27 +106,100 @@ def _import(what, alibi_slopes, **operands):
     return arrays, slopes, origin
 
 
+class Spec:
+    """Shape and dtype of an operand without its data, for checks made before the data exists
+    (``torch.compile``'s fake tensors, ``jax.jit``'s tracers)."""
+
+    __slots__ = ("shape", "dtype", "ndim")
+
+    def __init__(self, shape, dtype):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.ndim = len(self.shape)
+
+
+def _frozen(value):
+    """A hashable key for an option value that tells apart values the checks tell apart
+    (``True`` from ``1``, ``(4, 0)`` from ``[4, 0]``)."""
+    if isinstance(value, (tuple, list)):
+        return type(value), tuple(_frozen(v) for v in value)
+    return type(value), value
+
+
+_PLANS = {}
+_MAX_PLANS = 1024
+
+
+def _plan(check, what, backend, operands, slopes, options):
+    """The checked ``Problem`` of a call and the backend to run it on, made once per key.
+
+    ``check`` raises for bad arguments and nothing is kept then, so every bad call reports itself.
+    """
+    try:
+        key = (check, what, backend, tuple(_frozen(v) for v in options.values()),
+               tuple((x.shape, x.dtype) for x in operands),
+               None if slopes is None else (slopes.shape, slopes.dtype))
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable option value: the checks will say what is wrong with it
+        key = plan = None
+    if plan is None:
+        problem = check(*operands, alibi_slopes=slopes, backend=backend, what=what, **options)
+        plan = (problem, _dispatch.select(backend, problem))
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+def _run(origin, method, arrays, specs):
+    """Run ``method`` (a backend's forward or backward) inside the caller's context and return its
+    results as the caller's objects: written straight into memory the caller owns where the origin
+    provides it (``specs`` says what to allocate), else exported after the call."""
+    with origin.context():
+        outputs = origin.outputs(specs)
+        if outputs is None:
+            results = method(*arrays)
+        else:
+            callers, views = outputs
+            with _dispatch.outputs_into(views) as into:
+                results = method(*arrays)
+            into.deliver(results)
+            return tuple(callers)
+    return tuple(export(r, origin) for r in results)
+
+
+def forward_arrays(q, k, v, slopes, options, backend, what, origin):
+    """The forward on imported (NumPy/CuPy) arrays: (out, lse) as the caller's objects."""
+    problem, chosen = _plan(check_forward, what, backend, (q, k, v), slopes, options)
+    specs = ((problem.out_shape, problem.dtype), (problem.lse_shape, problem.accum_dtype))
+    return _run(origin, chosen.forward, (q, k, v, slopes, problem), specs)
+
+
+def backward_arrays(dout, q, k, v, out, lse, slopes, options, backend, what, origin):
+    """The backward on imported arrays (options include ``deterministic``): (dq, dk, dv)."""
+    problem, chosen = _plan(check_backward, what, backend, (dout, q, k, v, out, lse), slopes, options)
+    specs = tuple((x.shape, problem.dtype) for x in (q, k, v))
+    return _run(origin, chosen.backward, (dout, q, k, v, out, lse, slopes, problem, bool(options["deterministic"])),
+                specs)
+
+
 def _forward(q, k, v, alibi_slopes, options, backend, what):
     (q, k, v), slopes, origin = _import(what, alibi_slopes, q=q, k=k, v=v)
-    problem = check_forward(q, k, v, alibi_slopes=slopes, backend=backend, what=what, **options)
-    chosen = _dispatch.select(backend, problem, origin)
-    with origin.context():
-        out, lse = chosen.forward(q, k, v, slopes, problem)
-    return out, lse, origin
+    return forward_arrays(q, k, v, slopes, options, backend, what, origin)
+
+
+def _backward(dout, q, k, v, out, lse, alibi_slopes, options, backend, what):
+    (dout, q, k, v, out, lse), slopes, origin = _import(what, alibi_slopes, dout=dout, q=q, k=k, v=v, out=out,
+                                                        lse=lse)
+    return backward_arrays(dout, q, k, v, out, lse, slopes, options, backend, what, origin)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, causal_alignment="bottom_right", window=None,
                        softcap=None, alibi_slopes=None, scale=None, deterministic=False, backend="auto"):
-    what = "cuflash.attention_backward"
-    (dout, q, k, v, out, lse), slopes, origin = _import(what, alibi_slopes, dout=dout, q=q, k=k, v=v, out=out,
-                                                        lse=lse)
-    problem = check_backward(dout, q, k, v, out, lse, causal=causal, causal_alignment=causal_alignment,
-                             window=window, softcap=softcap, alibi_slopes=slopes, scale=scale,
-                             deterministic=deterministic, backend=backend, what=what)
-    chosen = _dispatch.select(backend, problem, origin)
-    with origin.context():
-        grads = chosen.backward(dout, q, k, v, out, lse, slopes, problem, bool(deterministic))
-    return tuple(export(g, origin) for g in grads)
+    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale,
+                   deterministic=deterministic)
+    return _backward(dout, q, k, v, out, lse, alibi_slopes, options, backend, "cuflash.attention_backward")
 
 
 attention_backward.__doc__ = _doc("""Gradients (dq, dk, dv) of attention, given dout = ∂loss/∂out.
@@ -160,12 +238,11 @@ def attention_vjp(q, k, v, *, causal=False, causal_alignment="bottom_right", win
     >>> dq, dk, dv = vjp(dout)
     """
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
-    out, lse, origin = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention_vjp")
-    caller_out = export(out, origin)
-    saved = (q, k, v, caller_out, export(lse, origin))
+    out, lse = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention_vjp")
+    saved = (q, k, v, out, lse)
 
     def vjp(dout):
         return attention_backward(dout, *saved, alibi_slopes=alibi_slopes, deterministic=deterministic,
                                   backend=backend, **options)
 
-    return caller_out, vjp
+    return out, vjp

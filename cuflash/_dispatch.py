@@ -2,9 +2,15 @@
 
 Each backend states what it supports; ``select`` picks one for ``backend="auto"`` or checks the
 one asked for, and when none fits raises one error listing each backend and why it was refused.
-Every output array of every backend is allocated by ``_empty`` here and must be fully written
-by the backend (tests fill these allocations with NaN to catch unwritten elements).
+Every output array of every backend is allocated by ``_empty`` here, in the order the backend
+returns them, and must be fully written by the backend (tests fill these allocations with NaN to
+catch unwritten elements). A caller that already holds memory for the outputs (a torch tensor it
+allocated from PyTorch's allocator, a buffer XLA handed to a callback) passes it through
+``outputs_into``: ``_empty`` then hands those arrays out instead of allocating, so the backend
+writes the results where the caller wants them and nothing is copied on the way back.
 """
+
+import threading
 
 import numpy
 
@@ -14,8 +20,55 @@ from ._errors import BackendUnavailableError
 from ._interop import host_empty
 
 
+_provided = threading.local()
+
+
 def _empty(xp, shape, dtype):
+    arrays = getattr(_provided, "arrays", None)
+    if arrays:
+        for i, array in enumerate(arrays):
+            if isinstance(array, xp.ndarray) and array.shape == tuple(shape) and array.dtype == dtype:
+                return arrays.pop(i)
     return host_empty(shape, dtype) if xp is numpy else xp.empty(shape, dtype=dtype)
+
+
+class outputs_into:
+    """Within it, the backend's ``_empty`` calls of this thread take ``arrays`` (NumPy or CuPy
+    arrays over memory the caller owns), the first one of matching array type, shape and dtype
+    each, before allocating anything.
+
+    ``deliver(results)`` afterwards returns the caller's arrays holding the results: a result the
+    backend computed elsewhere (on the other device, or where no given array matched) is copied
+    into the caller's array.
+    """
+
+    __slots__ = ("arrays", "_saved")
+
+    def __init__(self, arrays):
+        self.arrays = tuple(arrays)
+
+    def __enter__(self):
+        self._saved = getattr(_provided, "arrays", None)
+        _provided.arrays = list(self.arrays)
+        return self
+
+    def __exit__(self, *exc):
+        _provided.arrays = self._saved
+
+    def deliver(self, results):
+        for result, target in zip(results, self.arrays):
+            if result is not target:
+                _copy_into(target, result)
+        return self.arrays
+
+
+def _copy_into(target, source):
+    if isinstance(target, numpy.ndarray):
+        target[...] = _to_host(source)
+    elif isinstance(source, numpy.ndarray):
+        target.set(source)
+    else:
+        target[...] = source
 
 
 def _to_host(x):
@@ -97,7 +150,7 @@ class CudaBackend:
 BACKENDS = {"numpy": NumpyBackend(), "cuda": CudaBackend()}
 
 
-def select(requested, problem, origin):
+def select(requested, problem):
     """The backend to run: the one requested, or for "auto" CUDA when it can, else NumPy."""
     if requested != "auto":
         backend = BACKENDS[requested]

@@ -18,6 +18,14 @@ The rules (``docs/interop.md`` states them for users):
 - bfloat16: NumPy's DLPack importer knows no bfloat16 and NumPy cannot export ml_dtypes' bfloat16,
   so bfloat16 elements travel as uint16 and are viewed as ``ml_dtypes.bfloat16`` on arrival (and
   relabelled bfloat16 on the way back): exact and copy-free. CPU bfloat16 needs ml_dtypes.
+- PyTorch float tensors take a shorter road than DLPack, because a call's host time is mostly
+  these hand-overs: they are viewed in place from their pointer, shape and strides (``Tensor.numpy``
+  on the CPU, a CuPy array over the same memory on the GPU), which is what DLPack would give, with
+  no stream to wait for since the kernels run on PyTorch's current stream. Their results are torch
+  tensors allocated before the call (``Origin.outputs``) that the backend writes into, and every
+  CuPy allocation during a call for torch CUDA tensors (workspaces included) comes from PyTorch's
+  caching allocator on that stream: memory PyTorch can reuse, and allocations that a CUDA graph
+  capture records into its private pool.
 
 Nothing here imports a framework: CuPy, PyTorch and JAX are only looked up in ``sys.modules``
 (an operand of their type means they are imported already) or imported when an operand needs them.
@@ -150,6 +158,60 @@ class _StreamHandle:
         return (0, self._handle)
 
 
+# CuPy Stream objects wrapping callers' stream handles, one per (device, handle): building one
+# costs more than the rest of entering a call's context. A handle stays valid as a number after
+# its stream is destroyed, and a wrapper of an external stream never destroys it, so a stale
+# entry is harmless; the dict is emptied when it grows past a bound.
+_EXTERNAL_STREAMS = {}
+_MAX_CACHED = 256
+
+
+def _external_stream(device_id, handle):
+    key = (device_id, handle)
+    stream = _EXTERNAL_STREAMS.get(key)
+    if stream is None:
+        if len(_EXTERNAL_STREAMS) >= _MAX_CACHED:
+            _EXTERNAL_STREAMS.clear()
+        stream = _EXTERNAL_STREAMS[key] = _cupy().cuda.Stream.from_external(_StreamHandle(handle))
+    return stream
+
+
+class _GpuContext:
+    """The caller's device and stream (and allocator, for torch) made current for CuPy; restores
+    the previous ones on exit. Built fresh for each ``with``, so nesting and threads are safe."""
+
+    __slots__ = ("device_id", "stream", "allocator", "_previous_device", "_previous_stream", "_allocation")
+
+    def __init__(self, device_id, stream, allocator):
+        self.device_id = device_id
+        self.stream = stream
+        self.allocator = allocator
+
+    def __enter__(self):
+        cupy = _cupy()
+        self._previous_device = cupy.cuda.runtime.getDevice()
+        if self._previous_device != self.device_id:
+            cupy.cuda.runtime.setDevice(self.device_id)
+        self._previous_stream = None
+        if self.stream is not None:
+            self._previous_stream = cupy.cuda.get_current_stream()
+            _external_stream(self.device_id, self.stream).use()
+        self._allocation = None
+        if self.allocator is not None:
+            self._allocation = cupy.cuda.using_allocator(self.allocator)
+            self._allocation.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        cupy = _cupy()
+        if self._allocation is not None:
+            self._allocation.__exit__(*exc)
+        if self._previous_stream is not None:
+            self._previous_stream.use()
+        if self._previous_device != self.device_id:
+            cupy.cuda.runtime.setDevice(self._previous_device)
+
+
 @dataclass(frozen=True, eq=False)
 class Origin:
     """Where the operands of one call come from, and how results get back there.
@@ -178,15 +240,88 @@ class Origin:
         """The caller's device and stream made current for CuPy (nothing to do for CPU operands).
 
         Imports, GPU work and exports for this caller all run inside it (see the module's notes).
+        For torch CUDA tensors CuPy also allocates from PyTorch's caching allocator inside it.
         """
         if not self.on_gpu:
             return contextlib.nullcontext()
-        cupy = _cupy()
-        stack = contextlib.ExitStack()
-        stack.enter_context(cupy.cuda.Device(self.device_id))
-        if self.stream is not None:
-            stack.enter_context(cupy.cuda.Stream.from_external(_StreamHandle(self.stream)))
-        return stack
+        allocator = _torch_allocator(self.device_id) if self.kind == "torch" else None
+        return _GpuContext(self.device_id, self.stream, allocator)
+
+    def outputs(self, specs):
+        """Caller-owned memory for results, allocated before the call: for ``specs``, a sequence of
+        (shape, NumPy dtype), the pair (caller's objects, NumPy/CuPy views of them) that
+        ``_dispatch.outputs_into`` hands to the backend; None where results are exported afterwards.
+
+        Torch tensors get torch tensors (from PyTorch's allocator, on its current stream: call it
+        inside ``context()``); other callers' results go back through ``export``.
+        """
+        if self.kind != "torch":
+            return None
+        torch = sys.modules["torch"]
+        device = _torch_device(self.device_type, self.device_id)
+        tensors = [torch.empty(shape, dtype=_torch_dtype(dtype), device=device) for shape, dtype in specs]
+        return tensors, [_torch_view(t, dtype) for t, (_, dtype) in zip(tensors, specs)]
+
+
+_NUMPY_ORIGIN = Origin("numpy", _CPU, 0)
+
+
+def _torch_device(device_type, device_id):
+    torch = sys.modules["torch"]
+    return torch.device("cuda", device_id) if device_type == _CUDA else torch.device("cpu")
+
+
+_TORCH_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+_TORCH_DTYPES = {}
+
+
+def _torch_dtype(dtype):
+    """The torch dtype of a NumPy float dtype (``ml_dtypes.bfloat16`` included)."""
+    found = _TORCH_DTYPES.get(dtype)
+    if found is None:
+        found = _TORCH_DTYPES[dtype] = getattr(sys.modules["torch"], numpy.dtype(dtype).name)
+    return found
+
+
+def _torch_view(tensor, dtype):
+    """A float tensor as a NumPy (CPU) or CuPy (CUDA) array of ``dtype`` over the same memory, with
+    its strides. bfloat16 passes as int16, which both can view, and is relabelled on arrival."""
+    torch = sys.modules["torch"]
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    carrier = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    if not tensor.is_cuda:
+        return carrier.numpy().view(dtype)
+    cupy = _cupy()
+    itemsize = tensor.element_size()
+    shape = tuple(tensor.shape)
+    strides = tuple(s * itemsize for s in tensor.stride())
+    # The span the strides reach, which is what CuPy's bookkeeping of the memory needs.
+    extent = itemsize + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
+    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), extent, tensor, tensor.get_device())
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0), strides=strides)
+
+
+_TORCH_ALLOCATORS = {}
+
+
+def _torch_allocator(device_id):
+    """A CuPy allocator (``size -> MemoryPointer``) drawing from PyTorch's caching allocator on
+    PyTorch's current stream of ``device_id``; each block lives as long as CuPy holds its pointer."""
+    allocate = _TORCH_ALLOCATORS.get(device_id)
+    if allocate is None:
+        torch, cupy = sys.modules["torch"], _cupy()
+        device = torch.device("cuda", device_id)
+        uint8 = torch.uint8
+
+        def allocate(nbytes):
+            block = torch.empty(nbytes, dtype=uint8, device=device)
+            return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.data_ptr(), nbytes, block, device_id), 0)
+
+        _TORCH_ALLOCATORS[device_id] = allocate
+    return allocate
 
 
 def _describe(x):
@@ -206,20 +341,65 @@ def _origin_of(x):
     they live.
     """
     if isinstance(x, numpy.ndarray):
-        return Origin("numpy", _CPU, 0)
+        return _NUMPY_ORIGIN
+    if _instance_of(x, "torch", "Tensor"):
+        return _torch_origin(x)
     if _instance_of(x, "cupy", "ndarray"):
         return Origin("cupy", _CUDA, x.device.id)
     if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
         return None
     device_type, device_id = (int(n) for n in x.__dlpack_device__())
-    if _instance_of(x, "torch", "Tensor"):
-        torch = sys.modules["torch"]
-        stream = torch.cuda.current_stream(device_id).cuda_stream if device_type == _CUDA else None
-        return Origin("torch", device_type, device_id, torch.from_dlpack, stream)
     if _instance_of(x, "jax", "Array"):
         return Origin("jax", device_type, device_id, sys.modules["jax"].dlpack.from_dlpack)
     namespace = x.__array_namespace__() if hasattr(x, "__array_namespace__") else None
     return Origin(type(x).__module__.split(".")[0], device_type, device_id, getattr(namespace, "from_dlpack", None))
+
+
+# The Origins of torch operands, one per (device, current stream): the same for every call from
+# one place, so none is built per call.
+_TORCH_ORIGINS = {}
+
+
+def _torch_stream(device_id):
+    """PyTorch's current stream on a device, as a raw handle; the private accessor (the one
+    torch.compile's generated code uses) costs a tenth of ``torch.cuda.current_stream``."""
+    torch = sys.modules["torch"]
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device_id) if raw is not None else torch.cuda.current_stream(device_id).cuda_stream
+
+
+def _torch_origin(x):
+    if x.is_cuda:
+        device_id = x.get_device()
+        key = (_CUDA, device_id, _torch_stream(device_id))
+    elif x.is_cpu:
+        key = (_CPU, 0, None)
+    else:  # other devices are described (and refused) from what DLPack says
+        device_type, device_id = (int(n) for n in x.__dlpack_device__())
+        key = (device_type, device_id, None)
+    origin = _TORCH_ORIGINS.get(key)
+    if origin is None:
+        if len(_TORCH_ORIGINS) >= _MAX_CACHED:
+            _TORCH_ORIGINS.clear()
+        origin = _TORCH_ORIGINS[key] = Origin("torch", *key[:2], sys.modules["torch"].from_dlpack, key[2])
+    return origin
+
+
+_NUMPY_DTYPES = {}
+
+
+def _torch_float(x):
+    """The NumPy dtype of a float16/bfloat16/float32/float64 tensor; None for other dtypes, and for
+    bfloat16 without ml_dtypes (both go the DLPack way, which reports them)."""
+    dtype = x.dtype
+    found = _NUMPY_DTYPES.get(dtype)
+    if found is None:
+        name = str(dtype).removeprefix("torch.")
+        if name == "bfloat16":
+            # Looked up on every call: whether ml_dtypes is importable is not cached.
+            return _bfloat16()
+        found = _NUMPY_DTYPES[dtype] = numpy.dtype(name) if name in _TORCH_NAMES else False
+    return None if found is False else found
 
 
 def _import(name, x, origin):
@@ -229,6 +409,13 @@ def _import(name, x, origin):
     """
     if origin.kind in ("numpy", "cupy"):
         return x, None
+    if origin.kind == "torch" and origin.device_type in (_CPU, _CUDA):
+        dtype = _torch_float(x)
+        if dtype is not None:
+            try:
+                return _torch_view(x, dtype), None
+            except (RuntimeError, TypeError, ValueError):
+                pass  # e.g. a tensor with its negative bit set: DLPack resolves or reports it
     if origin.kind == "torch" and x.requires_grad:
         x = x.detach()
     producer = _Relabelled(x, _BFLOAT, _UINT)
@@ -243,6 +430,24 @@ def _import(name, x, origin):
         return None, (f"{name} is bfloat16, which NumPy and CuPy hold through the ml_dtypes package; "
                       "install it (pip install ml_dtypes, or cuflash[bfloat16])")
     return array.view(bfloat16), None
+
+
+def buffer_array(buffer):
+    """A buffer XLA hands to a ``buffer_callback`` as a NumPy (CPU) or CuPy (CUDA) array over its
+    memory. XLA's buffers are dense and row-major; bfloat16 stays bfloat16 (``ml_dtypes``)."""
+    device_type, device_id = (int(n) for n in buffer.__dlpack_device__())
+    if device_type == _CPU:
+        return numpy.asarray(buffer)
+    cupy = _cupy()
+    dtype = numpy.dtype(buffer.dtype)
+    shape = tuple(buffer.shape)
+    try:
+        pointer = buffer.__cuda_array_interface__["data"][0]
+    except (AttributeError, BufferError, KeyError, TypeError, ValueError):
+        # No array interface for this dtype: DLPack, with bfloat16 carried as uint16.
+        return cupy.from_dlpack(_Relabelled(buffer, _BFLOAT, _UINT)).view(dtype)
+    memory = cupy.cuda.UnownedMemory(pointer, math.prod(shape) * dtype.itemsize, buffer, device_id)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
 
 
 def _raise(what, problems):

@@ -1,4 +1,5 @@
-"""PyTorch autograd for cuflash: ``cuflash.torch.attention`` is differentiable with ``loss.backward()``.
+"""PyTorch autograd for cuflash: ``cuflash.torch.attention`` is differentiable with ``loss.backward()``
+and traceable by ``torch.compile``.
 
 ``import cuflash`` never imports PyTorch; importing this module does, and needs it installed.
 
@@ -7,6 +8,19 @@
     ...            for _ in range(3))
     >>> out = cuflash.torch.attention(q, k, v, causal=True)
     >>> out.float().square().sum().backward()       # fills q.grad, k.grad, v.grad
+
+Two roads lead to the same implementation. The forward and the backward are PyTorch operators,
+``torch.ops.cuflash.attention_forward`` and ``torch.ops.cuflash.attention_backward``
+(``torch.library.custom_op``), with fake-tensor functions and an autograd formula, so
+``torch.compile(fullgraph=True)``, ``torch.export`` and other tracers see one opaque operator
+instead of cuflash's CuPy and DLPack internals, which they cannot trace. A custom operator's
+Python dispatch costs tens of microseconds a call, several times the rest of a call's host work,
+so eager calls on plain tensors go through a ``torch.autograd.Function`` that runs the operators'
+implementation directly. Both roads check the same things and give bitwise-identical results.
+
+Outputs and workspaces come from PyTorch's caching allocator on PyTorch's current stream, and a
+call makes no host synchronization, so CUDA-graph capture records it. Run each shape once before
+capturing: the first call of a kernel variant compiles it, which a capture cannot contain.
 """
 
 try:
@@ -16,54 +30,182 @@ except ImportError as exc:
         "cuflash.torch needs PyTorch (pip install torch); the rest of cuflash works without it"
     ) from exc
 
-from . import _api
+from typing import Optional
+
+import numpy
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import _api, _interop, _problem
 
 __all__ = ["attention"]
 
+_WHAT = "cuflash.torch.attention"
+
+
+def _options(causal, causal_alignment, window_left, window_right, softcap, scale):
+    return dict(causal=causal, causal_alignment=causal_alignment, window=(window_left, window_right),
+                softcap=softcap, scale=scale)
+
+
+# The operators' non-tensor arguments are the options of ``cuflash.attention`` in a form a schema
+# can state: the window as two optional ints, softcap 0.0 for none, and the backend ("numpy" for
+# CPU tensors, "auto" for CUDA ones). ``deterministic`` rides on the forward for the backward.
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
+                causal: bool, causal_alignment: str, window_left: Optional[int], window_right: Optional[int],
+                softcap: float, scale: Optional[float], deterministic: bool,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    options = _options(causal, causal_alignment, window_left, window_right, softcap, scale)
+    return _api._forward(q, k, v, alibi_slopes, options, backend, _WHAT)
+
+
+def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, alibi_slopes: Optional[torch.Tensor], causal: bool, causal_alignment: str,
+                 window_left: Optional[int], window_right: Optional[int], softcap: float, scale: Optional[float],
+                 deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = _options(causal, causal_alignment, window_left, window_right, softcap, scale)
+    options["deterministic"] = deterministic
+    return _api._backward(dout, q, k, v, out, lse, alibi_slopes, options, backend, _WHAT)
+
+
+_forward_op = torch.library.custom_op("cuflash::attention_forward", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("cuflash::attention_backward", _backward, mutates_args=())
+
+
+def _spec(name, x, problems):
+    """A fake tensor's shape and NumPy dtype, which cuflash's checks read; None (and a problem
+    recorded) for a dtype NumPy cannot name."""
+    text = str(x.dtype).removeprefix("torch.")
+    if text == "bfloat16":
+        dtype = _interop._bfloat16()
+        if dtype is None:
+            problems.append(f"{name} is bfloat16, which NumPy and CuPy hold through the ml_dtypes package; "
+                            "install it (pip install ml_dtypes, or cuflash[bfloat16])")
+            return None
+    else:
+        try:
+            dtype = numpy.dtype(text)
+        except TypeError:
+            problems.append(f"{name} has dtype {x.dtype}; expected one of float16, bfloat16, float32, float64")
+            return None
+    return _api.Spec(x.shape, dtype)
+
+
+def _specs(**tensors):
+    """Specs of the named tensors (None stays None), raising one TypeError for dtypes NumPy lacks."""
+    problems = []
+    specs = [None if x is None else _spec(name, x, problems) for name, x in tensors.items()]
+    if problems:
+        raise TypeError(f"invalid arguments to {_WHAT}:\n  - " + "\n  - ".join(problems))
+    return specs
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, alibi_slopes, causal, causal_alignment, window_left, window_right, softcap, scale,
+                  deterministic, backend):
+    # The same checks as a real call, at trace time, so a bad call fails while compiling.
+    *operands, slopes = _specs(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    problem = _problem.check_forward(*operands, alibi_slopes=slopes, backend=backend, what=_WHAT,
+                                     **_options(causal, causal_alignment, window_left, window_right, softcap, scale))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(problem.out_shape), q.new_empty(problem.lse_shape, dtype=lse_dtype)
+
+
+@_backward_op.register_fake
+def _backward_fake(dout, q, k, v, out, lse, alibi_slopes, causal, causal_alignment, window_left, window_right,
+                   softcap, scale, deterministic, backend):
+    *operands, slopes = _specs(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=alibi_slopes)
+    _problem.check_backward(*operands, alibi_slopes=slopes, deterministic=deterministic, backend=backend,
+                            what=_WHAT,
+                            **_options(causal, causal_alignment, window_left, window_right, softcap, scale))
+    # Like the real outputs: new contiguous tensors, whatever the inputs' strides.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, alibi_slopes, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.options = options
+    ctx.mark_non_differentiable(lse)
+
+
+def _op_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, alibi_slopes, *ctx.options)
+    # alibi_slopes and the options get no gradient.
+    return (dq, dk, dv) + (None,) * (1 + len(ctx.options))
+
+
+_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
 
 class _Attention(torch.autograd.Function):
-    """cuflash's forward, saving out and lse, and its backward, which recomputes P from them."""
+    """The eager road: the operators' implementations under a plain autograd.Function."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, causal_alignment, scale, deterministic, backend):
-        out, lse = _api.attention(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
-                                  return_lse=True, backend=backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = dict(causal=causal, causal_alignment=causal_alignment, scale=scale,
-                           deterministic=deterministic, backend=backend)
+    def forward(ctx, q, k, v, alibi_slopes, *options):
+        out, lse = _forward(q, k, v, alibi_slopes, *options)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+        ctx.options = options
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _api.attention_backward(dout, q, k, v, out, lse, **ctx.options)
-        # The options (causal ... backend) get no gradient.
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, alibi_slopes, *ctx.options)
+        return (dq, dk, dv) + (None,) * (1 + len(ctx.options))
 
 
-def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", scale=None, deterministic=False):
-    """``cuflash.attention`` on torch tensors, differentiable through ``torch.autograd``.
+def _checked_options(causal, causal_alignment, window, softcap, scale, deterministic):
+    """The options as the operators take them, or one TypeError/ValueError listing what is wrong
+    (before anything runs: the forward would not look at ``deterministic``)."""
+    problems = _problem._Problems()
+    _problem._check_options(problems, causal, causal_alignment, scale, "auto")
+    sides = _problem._check_window(problems, window, causal)
+    cap = _problem._check_softcap(problems, softcap)
+    if not isinstance(deterministic, bool):
+        problems.type(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    problems.raise_if_any(_WHAT)
+    left, right = sides
+    return bool(causal), causal_alignment, left, right, cap, None if scale is None else float(scale), deterministic
+
+
+def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
+              alibi_slopes=None, scale=None, deterministic=False):
+    """``cuflash.attention`` on torch tensors, differentiable through ``torch.autograd`` and
+    traceable by ``torch.compile``.
 
     q, k, v are BSHD tensors — (B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, Dv) — of one dtype
     (float16, bfloat16, float32 or float64) on one device, with any strides (BHSD storage passes
-    in as ``x.transpose(1, 2)``). Returns out (B, Sq, Hq, Dv), a tensor of the same dtype and
-    device. CUDA tensors run on the GPU kernels, on PyTorch's current stream, reading the tensors
-    in place; float64 and CPU tensors run on cuflash's NumPy backend (CPU tensors in place, CUDA
-    float64 ones copied to the host and back). The options mean what they mean in
-    ``cuflash.attention``; ``deterministic=True`` makes the backward bitwise reproducible on the GPU.
+    in as ``x.transpose(1, 2)``). Returns out (B, Sq, Hq, Dv), a new contiguous tensor of the same
+    dtype and device. CUDA tensors run on the GPU kernels, on PyTorch's current stream, reading
+    the tensors in place; float64 and CPU tensors run on cuflash's NumPy backend (CPU tensors in
+    place, CUDA float64 ones copied to the host and back). The options mean what they mean in
+    ``cuflash.attention``; ``alibi_slopes`` is a float32 tensor of shape (Hq,) or (B, Hq) on q's
+    device and gets no gradient; ``deterministic=True`` makes the backward bitwise reproducible on
+    the GPU.
 
     The backward recomputes attention tile by tile from the saved q, k, v, out and the
     log-sum-exp of the forward, so memory stays O(sequence length). Second derivatives are not
     supported.
     """
-    problems = [f"{name} must be a torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}"
-                for name, x in (("q", q), ("k", k), ("v", v)) if not isinstance(x, torch.Tensor)]
-    # Checked here as well as by the backward, so a bad value fails before the forward runs.
-    if not isinstance(deterministic, bool):
-        problems.append(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if problems:
-        raise TypeError("invalid arguments to cuflash.torch.attention:\n  - " + "\n  - ".join(problems))
+    named = (("q", q), ("k", k), ("v", v)) + ((("alibi_slopes", alibi_slopes),) if alibi_slopes is not None else ())
+    wrong = [f"{name} must be a torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}"
+             for name, x in named if not isinstance(x, torch.Tensor)]
+    if wrong:
+        raise TypeError(f"invalid arguments to {_WHAT}:\n  - " + "\n  - ".join(wrong))
+    options = _checked_options(causal, causal_alignment, window, softcap, scale, deterministic)
     # "auto" would copy CPU tensors to a GPU when one is present; CPU tensors stay on the CPU.
     backend = "numpy" if q.device.type == "cpu" else "auto"
-    return _Attention.apply(q, k, v, causal, causal_alignment, scale, deterministic, backend)
+    if _eager(q, k, v, alibi_slopes):
+        return _Attention.apply(q, k, v, alibi_slopes, *options, backend)
+    out, _lse = _forward_op(q, k, v, alibi_slopes, *options, backend)
+    return out
+
+
+def _eager(*tensors):
+    """Whether this call runs on real tensors with nothing tracing it: then the direct road."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(x is None or type(x) is torch.Tensor for x in tensors)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from unittest import mock
 
 import numpy
+import pytest
 
+import cuflash
 from cuflash import _dispatch
 
 
@@ -83,3 +85,19 @@ def math_attention(q, k, v, *, causal, causal_alignment, scale=None):
         out = torch.nn.functional.scaled_dot_product_attention(Q, K, V, attn_mask=mask, is_causal=is_causal,
                                                                scale=scale)
     return out.transpose(1, 2)
+
+
+def _new_options_run():
+    """Whether the NumPy backend takes window/softcap/alibi_slopes yet (its update lands separately)."""
+    rng = numpy.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 6, 2, 4)).astype(numpy.float32) for _ in range(3))
+    try:
+        cuflash.attention(q, k, v, window=(4, 0), softcap=5.0, alibi_slopes=numpy.ones(2, numpy.float32),
+                          backend="numpy")
+    except Exception:  # noqa: BLE001  (any failure means: not there yet)
+        return False
+    return True
+
+
+needs_new_options = pytest.mark.skipif(not _new_options_run(),
+                                       reason="the NumPy backend does not run window/softcap/alibi_slopes yet")

@@ -1,4 +1,5 @@
-"""JAX CPU arrays through cuflash (NumPy backend), and gradients through ``cuflash.jax``. Skipped without JAX."""
+"""JAX CPU arrays through cuflash (NumPy backend), and ``cuflash.jax`` eagerly and under jit, grad, vmap, scan
+and checkpoint. Skipped without JAX."""
 
 import os
 
@@ -8,7 +9,7 @@ import pytest
 import cuflash
 
 from .helpers import BFLOAT16, assert_close, magnitudes, naive_same_dtype
-from .interop_helpers import pointer, recording
+from .interop_helpers import needs_new_options, pointer, recording
 
 # A JAX with CUDA would otherwise reserve most of the GPU's memory at its start, starving CuPy.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -82,20 +83,135 @@ def test_vjp_matches_the_plain_backward():
         assert numpy.array_equal(g, e)
 
 
-@pytest.mark.parametrize("transform", ["jit", "vmap", "grad_of_grad"])
-def test_tracing_transformations_are_refused_with_the_reason(transform):
-    _, (q, k, v, _) = _arrays(33, numpy.float32)
-    if transform == "jit":
-        call = lambda: jax.jit(cuflash.jax.attention)(q, k, v)  # noqa: E731
-    elif transform == "vmap":
-        call = lambda: jax.vmap(cuflash.jax.attention)(q[None], k[None], v[None])  # noqa: E731
-    else:
-        def dq_sum(q):
-            return jax.grad(lambda q: cuflash.jax.attention(q, k, v).sum())(q).sum()
+def _loss(dout, **options):
+    def loss(q, k, v):
+        out = cuflash.jax.attention(q, k, v, **{**OPTIONS, **options})
+        return (out.astype(jnp.float32) * dout.astype(jnp.float32)).sum(), out
 
-        call = lambda: jax.grad(dq_sum)(q)  # noqa: E731
-    with pytest.raises(TypeError, match=r"cuflash.jax.attention got a traced value .* cannot run inside jax.jit"):
-        call()
+    return loss
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_jit_forward_and_gradients_match_eager_bitwise(dtype):
+    host, (q, k, v, dout) = _arrays(36, dtype)
+    grad = jax.value_and_grad(_loss(dout), argnums=(0, 1, 2), has_aux=True)
+    (_, out), grads = grad(q, k, v)
+    (_, jit_out), jit_grads = jax.jit(grad)(q, k, v)
+    assert jit_out.dtype == dtype and numpy.array_equal(jit_out, out)
+    assert all(a.dtype == dtype and numpy.array_equal(a, b) for a, b in zip(jit_grads, grads))
+    _check_values(host, jit_out, jit_grads)
+
+
+def test_jit_reads_inputs_and_writes_outputs_in_place():
+    # Under jit the backend gets XLA's own buffers: the arguments' memory, and the memory of the
+    # arrays the jitted function returns.
+    _, (q, k, v, _) = _arrays(37, numpy.float32)
+    forward = jax.jit(lambda q, k, v: cuflash.jax.attention(q, k, v, **OPTIONS))
+    with recording("numpy") as calls:
+        out = forward(q, k, v)
+    (call,) = calls["forward"]
+    assert [pointer(a) for a in call.arrays] == [x.unsafe_buffer_pointer() for x in (q, k, v)]
+    assert pointer(call.results[0]) == out.unsafe_buffer_pointer()
+
+
+def test_vmap_folds_the_mapped_axis_into_the_batch():
+    _, (q, k, v, _) = _arrays(38, numpy.float32)
+    qs, ks, vs = (jnp.stack([x, -x, 2 * x]) for x in (q, k, v))
+    attend = lambda q, k, v: cuflash.jax.attention(q, k, v, **OPTIONS)  # noqa: E731
+    with recording("numpy") as calls:
+        mapped = jax.jit(jax.vmap(attend))(qs, ks, vs)
+    # One backend call on a batch of 3 · 2.
+    (call,) = calls["forward"]
+    assert call.arrays[0].shape == (6, 5, 4, 8)
+    for i in range(3):
+        assert numpy.array_equal(mapped[i], attend(qs[i], ks[i], vs[i]))
+
+
+def test_vmap_of_queries_against_shared_keys_and_values_and_its_gradients():
+    _, (q, k, v, dout) = _arrays(39, numpy.float32)
+    qs = jnp.stack([q, 0.5 * q])
+    grad = jax.grad(lambda q, k, v: _loss(dout)(q, k, v)[0], argnums=(0, 1, 2))
+    mapped = jax.jit(jax.vmap(grad, in_axes=(0, None, None)))(qs, k, v)
+    for i in range(2):
+        for a, b in zip(mapped, grad(qs[i], k, v)):
+            assert numpy.array_equal(a[i], b)
+
+
+def test_nested_vmap():
+    _, (q, k, v, _) = _arrays(40, numpy.float32)
+    qs = jnp.stack([jnp.stack([q, 2 * q]), jnp.stack([-q, 3 * q])])  # (2, 2, B, Sq, Hq, D)
+    attend = lambda q: cuflash.jax.attention(q, k, v, **OPTIONS)  # noqa: E731
+    mapped = jax.vmap(jax.vmap(attend))(qs)
+    for i in range(2):
+        for j in range(2):
+            assert numpy.array_equal(mapped[i, j], attend(qs[i, j]))
+
+
+def test_scan_and_checkpoint():
+    # Three attention layers in a scan, each rematerialized in the backward, against a Python loop.
+    _, (q, k, v, _) = _arrays(41, numpy.float32, Dv=8)
+
+    def layer(x):
+        return cuflash.jax.attention(x, k, v, **OPTIONS) + x
+
+    def scanned(q):
+        return jax.lax.scan(jax.checkpoint(lambda x, _: (layer(x), None)), q, None, length=3)[0].sum()
+
+    def unrolled(q):
+        return layer(layer(layer(q))).sum()
+
+    value, grad = jax.jit(jax.value_and_grad(scanned))(q)
+    expected_value, expected_grad = jax.value_and_grad(unrolled)(q)
+    numpy.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    numpy.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-6)
+
+
+@needs_new_options
+@pytest.mark.parametrize("per_batch", [False, True], ids=["slopes_per_head", "slopes_per_batch_and_head"])
+def test_vmap_with_alibi_slopes_and_the_other_new_options(per_batch):
+    _, (q, k, v, dout) = _arrays(44, numpy.float32)
+    rng = numpy.random.default_rng(44)
+    slopes = jnp.asarray(rng.uniform(0.1, 1.0, (3, 2, 4) if per_batch else (3, 4)).astype(numpy.float32))
+    qs = jnp.stack([q, -q, 0.5 * q])
+    options = dict(window=(3, 0), softcap=4.0)
+
+    def attend(q, slopes):
+        return cuflash.jax.attention(q, k, v, alibi_slopes=slopes, **OPTIONS, **options)
+
+    with recording("numpy") as calls:
+        mapped = jax.jit(jax.vmap(attend))(qs, slopes)
+    # Folded into one call: q (3·2, ...) and one row of slopes per folded batch entry.
+    (call,) = calls["forward"]
+    folded = numpy.asarray(slopes).reshape(6, 4) if per_batch else numpy.repeat(numpy.asarray(slopes), 2, axis=0)
+    assert call.arrays[0].shape == (6, 5, 4, 8) and numpy.array_equal(call.arrays[3], folded)
+    for i in range(3):
+        expected = cuflash.attention(qs[i], k, v, alibi_slopes=slopes[i], backend="numpy", **OPTIONS, **options)
+        assert numpy.array_equal(mapped[i], expected)
+    grads = jax.vmap(jax.grad(lambda q, s: (attend(q, s) * dout).sum()))(qs, slopes)
+    for i in range(3):
+        out, lse = cuflash.attention(qs[i], k, v, alibi_slopes=slopes[i], return_lse=True, backend="numpy",
+                                     **OPTIONS, **options)
+        dq, _, _ = cuflash.attention_backward(dout, qs[i], k, v, out, lse, alibi_slopes=slopes[i], backend="numpy",
+                                              **OPTIONS, **options)
+        assert numpy.array_equal(grads[i], dq)
+
+
+def test_shapes_are_checked_at_trace_time():
+    _, (q, k, v, _) = _arrays(42, numpy.float32)
+    with recording("numpy") as calls:
+        with pytest.raises(ValueError, match=r"(?s)cuflash.jax.attention.*q and k must have the same head_dim"):
+            jax.jit(lambda q, k, v: cuflash.jax.attention(q, k, v)).lower(q, k[..., :4], v)
+    assert calls["forward"] == []
+
+
+def test_second_derivatives_are_refused():
+    _, (q, k, v, _) = _arrays(43, numpy.float32)
+
+    def dq_sum(q):
+        return jax.grad(lambda q: cuflash.jax.attention(q, k, v).sum())(q).sum()
+
+    with pytest.raises(Exception, match=r"(?i)callback.*(JVP|transpose)|custom_vjp"):
+        jax.grad(dq_sum)(q)
 
 
 def test_adapter_refuses_non_jax_operands():

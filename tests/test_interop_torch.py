@@ -11,7 +11,7 @@ import pytest
 import cuflash
 
 from .helpers import BFLOAT16, assert_close, magnitudes, naive_same_dtype
-from .interop_helpers import math_attention, pointer, recording, torch_host
+from .interop_helpers import math_attention, needs_new_options, pointer, recording, torch_host
 
 torch = pytest.importorskip("torch")
 import cuflash.torch  # noqa: E402  (needs torch, which the skip above guarantees)
@@ -180,3 +180,142 @@ def test_cpu_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
     with pytest.raises(TypeError, match=r"q is bfloat16.*ml_dtypes") as info:
         cuflash.attention(q, k, v, backend="numpy")
     assert "k is bfloat16" in str(info.value) and "v is bfloat16" in str(info.value)
+
+
+# --- The registered operators and torch.compile --------------------------------------------------
+
+FORWARD_OP = "cuflash::attention_forward"
+# Operator arguments after the tensors: causal, causal_alignment, window_left, window_right, softcap,
+# scale, deterministic, backend (see cuflash/torch.py).
+OP_OPTIONS = (True, "bottom_right", None, 0, 0.0, None, False, "numpy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_operators_pass_torch_library_opcheck(dtype):
+    # Schema, fake tensors, autograd registration and AOT dispatch, checked by PyTorch itself.
+    q, k, v, dout = _tensors(21, dtype)
+    torch.library.opcheck(torch.ops.cuflash.attention_forward.default, (q, k, v, None, *OP_OPTIONS))
+    out, lse = torch.ops.cuflash.attention_forward(q, k, v, None, *OP_OPTIONS)
+    torch.library.opcheck(torch.ops.cuflash.attention_backward.default, (dout, q, k, v, out, lse, None, *OP_OPTIONS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fake_tensors_get_the_shapes_dtypes_and_strides_of_real_outputs(dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # BHSD storage viewed as BSHD: the outputs are contiguous all the same.
+    q, k, v, dout = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _tensors(22, dtype))
+    real_out, real_lse = torch.ops.cuflash.attention_forward(q, k, v, None, *OP_OPTIONS)
+    real_grads = torch.ops.cuflash.attention_backward(dout, q, k, v, real_out, real_lse, None, *OP_OPTIONS)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv, fdout = (mode.from_tensor(x) for x in (q, k, v, dout))
+        out, lse = torch.ops.cuflash.attention_forward(fq, fk, fv, None, *OP_OPTIONS)
+        grads = torch.ops.cuflash.attention_backward(fdout, fq, fk, fv, out, lse, None, *OP_OPTIONS)
+    for fake, real in zip((out, lse, *grads), (real_out, real_lse, *real_grads)):
+        assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride())
+    assert out.shape == (2, 5, 4, 6) and lse.shape == (2, 4, 5)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_fake_tensors_are_checked_like_real_ones():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v, _ = _tensors(23, torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv = (mode.from_tensor(x) for x in (q, k[..., :4], v))
+        with pytest.raises(ValueError, match=r"(?s)cuflash.torch.attention.*q and k must have the same head_dim"):
+            torch.ops.cuflash.attention_forward(fq, fk, fv, None, *OP_OPTIONS)
+
+
+def test_the_operator_and_the_eager_road_agree_bitwise():
+    q, k, v, dout = _tensors(24, torch.float32, requires_grad=True)
+    out = cuflash.torch.attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    # The operator with its registered autograd formula, as torch.compile would call it.
+    op_out, _ = torch.ops.cuflash.attention_forward(q, k, v, None, *OP_OPTIONS)
+    op_grads = torch.autograd.grad(op_out, (q, k, v), dout)
+    assert torch.equal(out, op_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, op_grads))
+
+
+def _compiled_and_eager(fn, inputs, backend="inductor"):
+    """fn's outputs and the gradients of their sum-with-weights, eagerly and under
+    torch.compile(fullgraph=True), which fails on any graph break."""
+    torch._dynamo.reset()
+    results = []
+    for run in (fn, torch.compile(fn, fullgraph=True, backend=backend)):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        out = run(*leaves)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(25), dtype=out.dtype)
+        grads = torch.autograd.grad((out * weights).sum(), leaves)
+        results.append((out.detach(), grads))
+    return results
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    # GQA, bottom-right causal with Sq < Sk, a scale, and BHSD storage read through transposed views.
+    g = torch.Generator().manual_seed(26)
+    q = torch.randn(2, 4, 5, 8, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, 2, 7, 8, generator=g).transpose(1, 2) for _ in range(2))
+
+    def block(q, k, v):
+        # Work before and after the attention, so the compiled graph is more than the operator.
+        out = cuflash.torch.attention(torch.tanh(q) * 2, k, v, causal=True, scale=0.5)
+        return out.relu() + out
+
+    (eager_out, eager_grads), (compiled_out, compiled_grads) = _compiled_and_eager(block, (q, k, v))
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-6, atol=1e-6)
+    for name, a, b in zip(("dq", "dk", "dv"), compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(BFLOAT16 is None, reason="bfloat16 on the CPU needs ml_dtypes")
+def test_torch_compile_keeps_bfloat16_and_matches_eager_bitwise():
+    q, k, v, _ = _tensors(27, torch.bfloat16)
+
+    def attend(q, k, v):
+        return cuflash.torch.attention(q, k, v, causal=True, causal_alignment="top_left")
+
+    (eager_out, eager_grads), (compiled_out, compiled_grads) = _compiled_and_eager(attend, (q, k, v), "aot_eager")
+    assert compiled_out.dtype == torch.bfloat16 and torch.equal(compiled_out, eager_out)
+    assert all(a.dtype == torch.bfloat16 and torch.equal(a, b) for a, b in zip(compiled_grads, eager_grads))
+
+
+def test_torch_compile_reports_bad_shapes_while_compiling():
+    q, k, v, _ = _tensors(28, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: cuflash.torch.attention(q, k, v), fullgraph=True, backend="aot_eager")
+    with recording("numpy") as calls:
+        with pytest.raises(Exception, match=r"k and v must have the same sequence length, got k: 7, v: 6"):
+            compiled(q, k, v[:, :6])
+    assert calls["forward"] == []
+
+
+@needs_new_options
+def test_new_options_through_the_adapter_and_under_compile():
+    q, k, v, dout = _tensors(29, torch.float32)
+    slopes = torch.rand(4, generator=torch.Generator().manual_seed(29), dtype=torch.float32)
+    options = dict(causal=True, window=(3, 0), softcap=4.0)
+
+    def attend(q, k, v):
+        return cuflash.torch.attention(q, k, v, alibi_slopes=slopes, **options)
+
+    out, lse = cuflash.attention(q, k, v, alibi_slopes=slopes, return_lse=True, backend="numpy", **options)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, alibi_slopes=slopes, backend="numpy", **options)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    adapter_out = attend(*leaves)
+    adapter_grads = torch.autograd.grad(adapter_out, leaves, dout)
+    assert torch.equal(adapter_out, out) and all(torch.equal(a, b) for a, b in zip(adapter_grads, grads))
+    (eager_out, eager_grads), (compiled_out, compiled_grads) = _compiled_and_eager(attend, (q, k, v), "aot_eager")
+    assert torch.equal(compiled_out, eager_out) and all(torch.equal(a, b) for a, b in zip(compiled_grads, eager_grads))
+
+
+def test_adapter_refuses_bad_new_options_naming_them():
+    q, k, v, _ = _tensors(30, torch.float32)
+    with pytest.raises(ValueError, match=r"causal=True means a right window size of 0"):
+        cuflash.torch.attention(q, k, v, causal=True, window=(2, 3))
+    with pytest.raises(TypeError, match=r"alibi_slopes must be a torch.Tensor, got numpy.ndarray"):
+        cuflash.torch.attention(q, k, v, alibi_slopes=numpy.ones(4, numpy.float32))
+    with pytest.raises(ValueError, match=r"softcap must be positive"):
+        cuflash.torch.attention(q, k, v, softcap=-1.0)
