@@ -3,25 +3,20 @@
 Everything is materialized (S and P are full (B, Hq, Sq, Sk) arrays), so memory grows as Sq·Sk:
 use it on sizes where that fits. Every backend is tested against these functions.
 
-Semantics (shared by all of cuflash): S = scale · Q Kᵀ, P = softmax(S) over the keys query i may
-see, O = P V, LSE = log Σ_j exp(S_ij) over visible keys. Causal: key j visible to query i iff
-j <= i + offset, offset = Sk − Sq (bottom-right) or 0 (top-left). A row with no visible key
-has O = 0 and LSE = −inf, and receives and passes on zero gradient.
+Semantics (shared by all of cuflash): S = scale · Q Kᵀ; the logits are S after the score
+modifiers (softcap c · tanh(S / c), then the ALiBi bias −slope · |i + offset − j|; see
+``_score_mod``); P = softmax(logits) over the keys query i may see, O = P V,
+LSE = log Σ_j exp(logit_ij) over visible keys. Which keys are visible is ``problem.mask``: key j
+to query i iff i + offset − left <= j <= i + offset + right (causal: right = 0), with
+offset = Sk − Sq (bottom-right) or 0 (top-left). A row with no visible key has O = 0 and
+LSE = −inf, and receives and passes on zero gradient.
 """
 
 import numpy
 
+from . import _score_mod
 from ._interop import as_host_arrays
-from ._problem import check_backward, check_forward, visible
-
-
-def _visible_mask(problem):
-    """(Sq, Sk) boolean mask of the keys each query may see."""
-    i = numpy.arange(problem.seqlen_q)[:, None]
-    j = numpy.arange(problem.seqlen_k)[None, :]
-    if not problem.causal:
-        return numpy.ones((problem.seqlen_q, problem.seqlen_k), dtype=bool)
-    return visible(i, j, problem.causal_offset)
+from ._problem import check_forward
 
 
 def _bhsd(x, heads_per_kv=1):
@@ -30,55 +25,71 @@ def _bhsd(x, heads_per_kv=1):
     return numpy.repeat(x, heads_per_kv, axis=1) if heads_per_kv > 1 else x
 
 
-def _probabilities(problem, q, k):
-    """P (B, Hq, Sq, Sk), LSE (B, Hq, Sq) and the visibility mask, all float64."""
+def _checked(what, options, alibi_slopes, **operands):
+    """The operands as host arrays, the ALiBi slopes shaped for (B, Hq, Sq, Sk) scores (float64,
+    or None) and the resolved ``Problem``."""
+    if alibi_slopes is not None:
+        operands["alibi_slopes"] = alibi_slopes
+    arrays = dict(zip(operands, as_host_arrays(**operands)))
+    given = arrays.pop("alibi_slopes", None)
+    problem = check_forward(arrays["q"], arrays["k"], arrays["v"], alibi_slopes=given, backend="numpy", what=what,
+                            **options)
+    slopes = _score_mod.head_slopes(problem, given, numpy.float64, (problem.batch, problem.heads_q))
+    return arrays, slopes, problem
+
+
+def _scores_and_probabilities(problem, slopes, q, k):
+    """S (B, Hq, Sq, Sk), before the score modifiers, P and LSE (B, Hq, Sq), all float64."""
     Q, K = _bhsd(q), _bhsd(k, problem.group_size)
     S = problem.scale * (Q @ K.transpose(0, 1, 3, 2))
-    mask = _visible_mask(problem)
-    S = numpy.where(mask, S, -numpy.inf)
-    row_max = S.max(axis=-1, initial=-numpy.inf, keepdims=True)
+    logits = _score_mod.logits(S, problem, slopes, numpy.arange(problem.seqlen_q), numpy.arange(problem.seqlen_k))
+    logits = numpy.where(problem.mask.matrix(), logits, -numpy.inf)
+    row_max = logits.max(axis=-1, initial=-numpy.inf, keepdims=True)
     # A fully masked row has max −inf; shifting by 0 instead keeps exp(−inf) = 0 rather than NaN.
     shift = numpy.where(numpy.isneginf(row_max), 0.0, row_max)
-    E = numpy.exp(S - shift)
+    E = numpy.exp(logits - shift)
     row_sum = E.sum(axis=-1, keepdims=True)
     with numpy.errstate(divide="ignore", invalid="ignore"):
         P = numpy.where(row_sum > 0, E / row_sum, 0.0)
         lse = numpy.where(row_sum[..., 0] > 0, shift[..., 0] + numpy.log(row_sum[..., 0]), -numpy.inf)
-    return P, lse
+    return S, P, lse
 
 
-def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", scale=None):
+def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
+              alibi_slopes=None, scale=None):
     """Float64 attention: returns ``(out, lse)`` with out (B, Sq, Hq, Dv) and lse (B, Hq, Sq).
 
     Inputs are BSHD arrays of any float dtype (NumPy, CuPy or DLPack producers); they are
     converted to float64 NumPy arrays first. Options mean what they mean in ``cuflash.attention``.
     """
-    q, k, v = as_host_arrays(q=q, k=k, v=v)
-    problem = check_forward(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
-                            backend="numpy", what="cuflash.reference.attention")
-    P, lse = _probabilities(problem, q, k)
-    out = P @ _bhsd(v, problem.group_size)
+    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
+    arrays, slopes, problem = _checked("cuflash.reference.attention", options, alibi_slopes, q=q, k=k, v=v)
+    _, P, lse = _scores_and_probabilities(problem, slopes, arrays["q"], arrays["k"])
+    out = P @ _bhsd(arrays["v"], problem.group_size)
     return out.transpose(0, 2, 1, 3), lse
 
 
-def attention_backward(dout, q, k, v, *, causal=False, causal_alignment="bottom_right", scale=None):
+def attention_backward(dout, q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
+                       alibi_slopes=None, scale=None):
     """Float64 gradients ``(dq, dk, dv)`` of ``sum(out * dout)``, shaped like q, k, v.
 
     Recomputes P from q and k (it does not take out or lse from a forward), and uses the textbook
-    softmax Jacobian dS = P ∘ (dP − rowsum(P ∘ dP)), independent of the kernels' D = rowsum(dO ∘ O).
+    softmax Jacobian for the logits' gradient, P ∘ (dP − rowsum(P ∘ dP)) (independent of the
+    kernels' D = rowsum(dO ∘ O)), then the score modifiers' derivative to get dS.
     With GQA, dk and dv sum over the query heads that share each key/value head.
     """
-    dout, q, k, v = as_host_arrays(dout=dout, q=q, k=k, v=v)
-    problem = check_forward(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
-                            backend="numpy", what="cuflash.reference.attention_backward")
-    if tuple(dout.shape) != problem.out_shape:
-        raise ValueError(f"dout must have shape (B, Sq, Hq, Dv) = {problem.out_shape}, got {tuple(dout.shape)}")
+    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
+    arrays, slopes, problem = _checked("cuflash.reference.attention_backward", options, alibi_slopes, dout=dout, q=q,
+                                       k=k, v=v)
+    if tuple(arrays["dout"].shape) != problem.out_shape:
+        raise ValueError(f"dout must have shape (B, Sq, Hq, Dv) = {problem.out_shape}, "
+                         f"got {tuple(arrays['dout'].shape)}")
     g = problem.group_size
-    P, _ = _probabilities(problem, q, k)
-    Q, K, V, dO = _bhsd(q), _bhsd(k, g), _bhsd(v, g), _bhsd(dout)
+    S, P, _ = _scores_and_probabilities(problem, slopes, arrays["q"], arrays["k"])
+    Q, K, V, dO = _bhsd(arrays["q"]), _bhsd(arrays["k"], g), _bhsd(arrays["v"], g), _bhsd(arrays["dout"])
     dV = P.transpose(0, 1, 3, 2) @ dO
     dP = dO @ V.transpose(0, 1, 3, 2)
-    dS = P * (dP - (P * dP).sum(axis=-1, keepdims=True))
+    dS = _score_mod.score_grad(P * (dP - (P * dP).sum(axis=-1, keepdims=True)), S, problem)
     dQ = problem.scale * (dS @ K)
     dK = problem.scale * (dS.transpose(0, 1, 3, 2) @ Q)
 
