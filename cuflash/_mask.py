@@ -2,7 +2,8 @@
 
 The reference, the NumPy backend, the tests and the benchmarks all ask ``MaskSpec``; the CUDA
 kernels ask its counterpart ``cuda_src/attn/mask.cuh``, which answers the same questions with the
-same formulas (``tests/test_mask.py`` checks that they agree tile by tile).
+same formulas (``tests/gpu/test_mask.py`` checks that they agree tile by tile; ``tests/test_mask.py``
+checks ``MaskSpec``'s answers against its brute-force matrix).
 
 The rule (a band around the aligned diagonal): query i may see key j iff 0 <= j < Sk and
 
@@ -33,8 +34,9 @@ class MaskSpec:
         return self.left is None and self.right is None
 
     def visible(self, i, j):
-        """Whether query i sees key j; broadcasts over index arrays. Keys outside 0..Sk-1 are never seen."""
-        i, j = numpy.asarray(i), numpy.asarray(j)
+        """Whether query i sees key j; broadcasts over index arrays (the result has the broadcast shape,
+        also where the band leaves i unused). Keys outside 0..Sk-1 are never seen."""
+        i, j = numpy.broadcast_arrays(i, j)
         seen = (j >= 0) & (j < self.seqlen_k)
         d = j - (i + self.offset)
         if self.left is not None:
