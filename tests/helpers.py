@@ -10,6 +10,7 @@ code would; its error is what that dtype can be expected to give on these inputs
 import numpy
 
 import cuflash
+from cuflash._mask import MaskSpec
 
 try:
     import ml_dtypes
@@ -43,8 +44,25 @@ def _rounder(dtype):
     return lambda x: numpy.asarray(x).astype(dtype).astype(numpy.float64)
 
 
-def naive_same_dtype(q, k, v, dout, *, causal=False, causal_alignment="bottom_right", scale=None):
-    """(out, dq, dk, dv) computed plainly with every intermediate rounded to the input dtype."""
+def mask_of(Sq, Sk, *, causal=False, causal_alignment="bottom_right", window=None):
+    """The ``MaskSpec`` that the public options ``causal``, ``causal_alignment``, ``window`` describe."""
+    left, right = (None, None) if window is None else window
+    return MaskSpec(Sq, Sk, Sk - Sq if causal_alignment == "bottom_right" else 0, left, 0 if causal else right)
+
+
+def alibi_bias(alibi_slopes, B, Hq, Sq, Sk, offset):
+    """The ALiBi bias −slope[b, h] · |i + offset − j| as a float64 (B, Hq, Sq, Sk) array."""
+    slopes = numpy.broadcast_to(numpy.asarray(alibi_slopes, dtype=numpy.float64), (B, Hq))
+    distance = numpy.abs(numpy.arange(Sq)[:, None] + offset - numpy.arange(Sk)[None, :])
+    return -slopes[:, :, None, None] * distance
+
+
+def naive_same_dtype(q, k, v, dout, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
+                     alibi_slopes=None, scale=None):
+    """(out, dq, dk, dv) computed plainly with every intermediate rounded to the input dtype.
+
+    The score modifiers are written out here from their definitions (softcap c · tanh(S / c), then
+    the ALiBi bias), independently of ``cuflash._score_mod``."""
     dtype = q.dtype
     r = _rounder(dtype)
     B, Sq, Hq, D = q.shape
@@ -55,19 +73,25 @@ def naive_same_dtype(q, k, v, dout, *, causal=False, causal_alignment="bottom_ri
     K = numpy.repeat(k.astype(numpy.float64).transpose(0, 2, 1, 3), g, axis=1)
     V = numpy.repeat(v.astype(numpy.float64).transpose(0, 2, 1, 3), g, axis=1)
     dO = dout.astype(numpy.float64).transpose(0, 2, 1, 3)
+    mask = mask_of(Sq, Sk, causal=causal, causal_alignment=causal_alignment, window=window)
     S = r(scale * (Q @ K.transpose(0, 1, 3, 2)))
-    if causal:
-        offset = Sk - Sq if causal_alignment == "bottom_right" else 0
-        mask = numpy.arange(Sk)[None, :] <= numpy.arange(Sq)[:, None] + offset
-        S = numpy.where(mask, S, -numpy.inf)
-    m = S.max(axis=-1, keepdims=True, initial=-numpy.inf)
-    E = numpy.exp(S - numpy.where(numpy.isneginf(m), 0, m))
+    Z = S
+    if softcap:
+        T = numpy.tanh(S / softcap)
+        Z = r(softcap * T)
+    if alibi_slopes is not None:
+        Z = r(Z + alibi_bias(alibi_slopes, B, Hq, Sq, Sk, mask.offset))
+    Z = numpy.where(mask.matrix(), Z, -numpy.inf)
+    m = Z.max(axis=-1, keepdims=True, initial=-numpy.inf)
+    E = numpy.exp(Z - numpy.where(numpy.isneginf(m), 0, m))
     den = E.sum(axis=-1, keepdims=True)
     P = r(numpy.where(den > 0, E / numpy.where(den > 0, den, 1), 0))
     O = r(P @ V)
     dV = r(P.transpose(0, 1, 3, 2) @ dO)
     dP = r(dO @ V.transpose(0, 1, 3, 2))
     dS = r(P * (dP - (dO * O).sum(axis=-1, keepdims=True)))
+    if softcap:
+        dS = r(dS * (1 - T * T))
     dQ = r(scale * (dS @ K))
     dK = r(scale * (dS.transpose(0, 1, 3, 2) @ Q))
 
@@ -85,14 +109,15 @@ def max_error(x, ref):
     return float(numpy.max(numpy.abs(x - ref)))
 
 
-def magnitudes(q, k, v, dout, scale=None):
+def magnitudes(q, k, v, dout, scale=None, bias=0.0):
     """Natural sizes of out, dq, dk, dv from the inputs, for the floors of ``assert_close``.
 
     Every backend accumulates in float32, so its rounding noise is float32's epsilon times the
     size of the terms it sums, which the (float64-summing) yardstick does not show: S and dP are
     bounded by row norms (Cauchy–Schwarz), and a relative error ε·|S| in P reaches every output.
     A gradient can also be near zero by cancellation (one visible key makes dS exactly 0) while
-    the terms that cancel are this large.
+    the terms that cancel are this large. ``bias`` is the largest |ALiBi bias| of a visible key:
+    it adds to the logits, and so to the size of their rounding errors.
     """
     scale = 1.0 / numpy.sqrt(q.shape[-1]) if scale is None else scale
 
@@ -102,7 +127,7 @@ def magnitudes(q, k, v, dout, scale=None):
     def max_abs(x):
         return float(numpy.max(numpy.abs(x.astype(numpy.float64)), initial=0.0))
 
-    s = 1.0 + scale * max_norm(q) * max_norm(k)
+    s = 1.0 + scale * max_norm(q) * max_norm(k) + bias
     p = max_norm(dout) * max_norm(v)
     return {
         "out": max_abs(v) * s,

@@ -10,9 +10,20 @@ from hypothesis import strategies as st
 import cuflash
 from cuflash import _numpy_backend
 
-from .helpers import DTYPES, assert_close, assert_lse_close, magnitudes, make_inputs, naive_same_dtype
+F32 = numpy.float32
+
+from .helpers import (DTYPES, alibi_bias, assert_close, assert_lse_close, magnitudes, make_inputs, mask_of,
+                      naive_same_dtype)
 
 SIZES = st.one_of(st.sampled_from([0, 1, 2, 3, 16, 17, 31, 33, 64]), st.integers(0, 80))
+# One side of a window: unbounded, tiny (a band a few keys wide), or anything up to past the sequence.
+WINDOW_SIDES = st.one_of(st.none(), st.sampled_from([0, 1, 3]), st.integers(0, 90))
+
+
+def windows(causal):
+    """None, or (left, right) with either side unbounded; causal allows only right = 0 (or None)."""
+    right = st.sampled_from([None, 0]) if causal else WINDOW_SIDES
+    return st.one_of(st.none(), st.tuples(WINDOW_SIDES, right))
 
 
 @st.composite
@@ -21,12 +32,15 @@ def cases(draw, dtypes=DTYPES):
     group = draw(st.sampled_from([1, 2, 3, 4]))
     head_dim = draw(st.one_of(st.sampled_from([1, 8, 59, 64, 128, 256]), st.integers(1, 256)))
     head_dim_v = draw(st.one_of(st.just(head_dim), st.integers(1, 256)))
+    causal = draw(st.booleans())
     return dict(
         B=draw(st.integers(1, 2)), Sq=draw(SIZES), Sk=draw(SIZES), Hq=heads_kv * group, Hkv=heads_kv,
         D=head_dim, Dv=head_dim_v, dtype=draw(st.sampled_from(dtypes)),
-        causal=draw(st.booleans()), causal_alignment=draw(st.sampled_from(["bottom_right", "top_left"])),
+        causal=causal, causal_alignment=draw(st.sampled_from(["bottom_right", "top_left"])),
+        window=draw(windows(causal)), softcap=draw(st.one_of(st.none(), st.floats(0.5, 50.0))),
+        alibi=draw(st.sampled_from([None, "head", "batch_head"])),
         scale=draw(st.one_of(st.none(), st.floats(0.01, 2.0))),
-        # Small tiles so several query and key tiles, partial tails and skipped causal tiles occur.
+        # Small tiles so several query and key tiles, partial tails and skipped tiles outside the band occur.
         blocks=(draw(st.integers(1, 40)), draw(st.integers(1, 40))),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
@@ -35,11 +49,25 @@ def cases(draw, dtypes=DTYPES):
 def _run_case(case):
     rng = numpy.random.default_rng(case["seed"])
     q, k, v, dout = make_inputs(rng, *(case[n] for n in ("B", "Sq", "Sk", "Hq", "Hkv", "D", "Dv")), case["dtype"])
-    options = dict(causal=case["causal"], causal_alignment=case["causal_alignment"], scale=case["scale"])
+    slopes_shape = {None: None, "head": (case["Hq"],), "batch_head": (case["B"], case["Hq"])}[case["alibi"]]
+    options = dict(causal=case["causal"], causal_alignment=case["causal_alignment"], window=case["window"],
+                   softcap=case["softcap"], scale=case["scale"],
+                   alibi_slopes=None if slopes_shape is None else rng.uniform(0.01, 1.0, slopes_shape).astype(F32))
     with mock.patch.object(_numpy_backend, "_blocks", lambda problem: case["blocks"]):
         out, lse = cuflash.attention(q, k, v, return_lse=True, backend="numpy", **options)
         grads = cuflash.attention_backward(dout, q, k, v, out, lse, backend="numpy", **options)
     return (q, k, v, dout), options, out, lse, grads
+
+
+def _largest_visible_bias(q, k, options):
+    """max |ALiBi bias| over the visible (query, key) pairs; 0 without ALiBi or without such pairs."""
+    if options["alibi_slopes"] is None:
+        return 0.0
+    (B, Sq, Hq, _), Sk = q.shape, k.shape[1]
+    mask = mask_of(Sq, Sk, causal=options["causal"], causal_alignment=options["causal_alignment"],
+                   window=options["window"])
+    bias = numpy.abs(alibi_bias(options["alibi_slopes"], B, Hq, Sq, Sk, mask.offset))
+    return float(numpy.max(bias[..., mask.matrix()], initial=0.0))
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -51,7 +79,7 @@ def test_forward_and_backward_match_reference(case, poisoned):
     ref_grads = cuflash.reference.attention_backward(dout, q, k, v, **options)
     naive = naive_same_dtype(q, k, v, dout, **options)
     assert out.dtype == dtype and lse.dtype == (numpy.float64 if dtype == numpy.float64 else numpy.float32)
-    sizes = magnitudes(q, k, v, dout, case["scale"])
+    sizes = magnitudes(q, k, v, dout, case["scale"], bias=_largest_visible_bias(q, k, options))
     assert_close("out", out, ref_out, naive[0], dtype, magnitude=sizes["out"])
     assert_lse_close(lse, ref_lse, dtype)
     for name, x, ref, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, naive[1:]):
@@ -68,6 +96,32 @@ def test_tiling_does_not_change_float64_results(case):
     numpy.testing.assert_array_equal(numpy.isneginf(lse), numpy.isneginf(lse1))
     for g, g1 in zip(grads, grads1):
         numpy.testing.assert_allclose(g, g1, rtol=1e-10, atol=1e-10)
+
+
+@given(case=cases(dtypes=[numpy.dtype(numpy.float32)]))
+def test_only_key_tiles_that_meet_the_band_are_computed(case):
+    """Cost follows the visible area: each tile the forward and the backward compute holds a visible
+    (query, key) pair, each visible pair is computed once per pass, and tiles left unmasked are
+    wholly visible."""
+    visited = []
+    logits = _numpy_backend._logits
+
+    def recording(S_ij, problem, mask, slopes, i0, i1, j0, j1, needs_mask):
+        visited.append((i0, i1, j0, j1, needs_mask))
+        return logits(S_ij, problem, mask, slopes, i0, i1, j0, j1, needs_mask)
+
+    with mock.patch.object(_numpy_backend, "_logits", recording):
+        _run_case(case)
+    seen = mask_of(case["Sq"], case["Sk"], causal=case["causal"], causal_alignment=case["causal_alignment"],
+                   window=case["window"]).matrix()
+    computed = numpy.zeros(seen.shape, dtype=int)
+    for i0, i1, j0, j1, needs_mask in visited:
+        tile = seen[i0:i1, j0:j1]
+        assert tile.any(), f"tile rows {i0}:{i1} keys {j0}:{j1} has no visible pair"
+        assert needs_mask == (not tile.all()), f"tile rows {i0}:{i1} keys {j0}:{j1}: needs_mask={needs_mask}"
+        computed[i0:i1, j0:j1] += 1
+    passes = 2 if case["B"] * case["Sq"] * case["Hq"] else 0  # the forward and the backward
+    assert numpy.all(computed[seen] == passes) and numpy.all(computed <= passes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
