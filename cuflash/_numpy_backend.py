@@ -122,9 +122,13 @@ def backward(dout, q, k, v, out, lse, slopes, dq, dk, dv, problem):
     Q, K, V = _grouped(q, problem, acc), _grouped(k, problem, acc), _grouped(v, problem, acc)
     dO, O = _grouped(dout, problem, acc), _grouped(out, problem, acc)
     L = numpy.asarray(lse, dtype=acc).reshape(B, problem.heads_kv, problem.group_size, Sq)
-    # exp(Z − (+inf)) = 0 makes P vanish on fully masked rows (LSE = −inf) without NaN.
-    L = numpy.where(numpy.isneginf(L), numpy.inf, L)
-    D = (dO * O).sum(axis=-1)
+    masked = numpy.isneginf(L)  # rows that see no key
+    # exp(Z − (+inf)) = 0 makes P vanish on fully masked rows without NaN. Their dO and D are
+    # zeroed too: they pass on no gradient whatever dO holds, and P = 0 times a NaN there would not be 0.
+    L = numpy.where(masked, numpy.inf, L)
+    if masked.any():
+        dO = numpy.where(masked[..., None], 0, dO)
+    D = numpy.where(masked, 0, (dO * O).sum(axis=-1))
     dK = numpy.zeros(K.shape[:2] + (Sk, K.shape[-1]), dtype=acc)
     dV = numpy.zeros(V.shape[:2] + (Sk, V.shape[-1]), dtype=acc)
     dQ = numpy.empty(Q.shape, dtype=acc)

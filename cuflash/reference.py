@@ -87,6 +87,8 @@ def attention_backward(dout, q, k, v, *, causal=False, causal_alignment="bottom_
     g = problem.group_size
     S, P, _ = _scores_and_probabilities(problem, slopes, arrays["q"], arrays["k"])
     Q, K, V, dO = _bhsd(arrays["q"]), _bhsd(arrays["k"], g), _bhsd(arrays["v"], g), _bhsd(arrays["dout"])
+    # A row that sees no key passes on no gradient, whatever its dO holds (0 · NaN would not be 0).
+    dO = numpy.where(problem.mask.matrix().any(axis=-1)[:, None], dO, 0.0)
     dV = P.transpose(0, 1, 3, 2) @ dO
     dP = dO @ V.transpose(0, 1, 3, 2)
     dS = _score_mod.score_grad(P * (dP - (P * dP).sum(axis=-1, keepdims=True)), S, problem)

@@ -46,13 +46,19 @@ def cases(draw, dtypes=DTYPES):
     )
 
 
-def _run_case(case):
+def _inputs(case):
+    """(q, k, v, dout) and the options of a drawn case, from its seed."""
     rng = numpy.random.default_rng(case["seed"])
     q, k, v, dout = make_inputs(rng, *(case[n] for n in ("B", "Sq", "Sk", "Hq", "Hkv", "D", "Dv")), case["dtype"])
     slopes_shape = {None: None, "head": (case["Hq"],), "batch_head": (case["B"], case["Hq"])}[case["alibi"]]
     options = dict(causal=case["causal"], causal_alignment=case["causal_alignment"], window=case["window"],
                    softcap=case["softcap"], scale=case["scale"],
                    alibi_slopes=None if slopes_shape is None else rng.uniform(0.01, 1.0, slopes_shape).astype(F32))
+    return (q, k, v, dout), options
+
+
+def _run_case(case):
+    (q, k, v, dout), options = _inputs(case)
     with mock.patch.object(_numpy_backend, "_blocks", lambda problem: case["blocks"]):
         out, lse = cuflash.attention(q, k, v, return_lse=True, backend="numpy", **options)
         grads = cuflash.attention_backward(dout, q, k, v, out, lse, backend="numpy", **options)
@@ -85,6 +91,18 @@ def test_forward_and_backward_match_reference(case, poisoned):
     for name, x, ref, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, naive[1:]):
         assert x.dtype == dtype
         assert_close(name, x, ref, nv, dtype, factor=3.0, magnitude=sizes[name])
+
+
+@given(case=cases(dtypes=[numpy.dtype(numpy.float64)]))
+def test_yardstick_in_float64_is_the_reference(case):
+    """The same-dtype yardstick writes the mask and the score modifiers out independently of the
+    reference; in float64 (nothing to round) the two must agree, or the accuracy bounds above
+    would be measured from a wrong computation."""
+    (q, k, v, dout), options = _inputs(case)
+    ref_out, _ = cuflash.reference.attention(q, k, v, **options)
+    ref_grads = cuflash.reference.attention_backward(dout, q, k, v, **options)
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), naive_same_dtype(q, k, v, dout, **options), (ref_out, *ref_grads)):
+        numpy.testing.assert_allclose(x, ref, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 @given(case=cases(dtypes=[numpy.dtype(numpy.float64)]))

@@ -1,8 +1,9 @@
 """Properties of attention itself, checked on the reference and the NumPy backend.
 
 The reference's gradients against central finite differences, and invariants that hold for any
-correct implementation: key/value permutation, convex combinations, causal invisibility, and the
-fully-masked-row rule.
+correct implementation: key/value permutation, convex combinations, invisibility of keys outside a
+row's band (causal and sliding window), the fully-masked-row rule, the softcap's bound on the
+logits, and ALiBi against an explicitly written bias.
 """
 
 import numpy
@@ -12,9 +13,48 @@ from hypothesis import strategies as st
 
 import cuflash
 
-from .helpers import make_inputs
+from .helpers import alibi_bias, make_inputs
 
 ALIGN = st.sampled_from(["bottom_right", "top_left"])
+SMALL_SIDES = st.one_of(st.none(), st.integers(0, 3))
+SLOPES = st.sampled_from([None, "head", "batch_head"])
+BACKENDS = ["numpy", "reference"]
+
+
+def _window(draw, causal, sides):
+    """None or (left, right) drawn from ``sides``; causal allows only right = 0 (or None)."""
+    if draw(st.booleans()):
+        return None
+    return draw(sides), draw(st.sampled_from([None, 0]) if causal else sides)
+
+
+def _slopes(seed, kind, B, Hq):
+    """Positive ALiBi slopes of shape (Hq,) or (B, Hq) from ``seed``, or None."""
+    shape = {None: None, "head": (Hq,), "batch_head": (B, Hq)}[kind]
+    return None if shape is None else numpy.random.default_rng(seed).uniform(0.05, 1.0, shape).astype(numpy.float32)
+
+
+def _sees(i, j, Sq, Sk, alignment, window, causal):
+    """The contract's rule for query i and key j (broadcasting), written here from the contract."""
+    offset = Sk - Sq if alignment == "bottom_right" else 0
+    left, right = (None, None) if window is None else window
+    right = 0 if causal else right
+    i, j = numpy.broadcast_arrays(i, j)
+    seen = (j >= 0) & (j < Sk)
+    if left is not None:
+        seen = seen & (j >= i + offset - left)
+    if right is not None:
+        seen = seen & (j <= i + offset + right)
+    return seen
+
+
+def _run(backend, dout, q, k, v, **options):
+    """(out, lse, dq, dk, dv) from the NumPy backend or the reference."""
+    if backend == "reference":
+        out, lse = cuflash.reference.attention(q, k, v, **options)
+        return (out, lse, *cuflash.reference.attention_backward(dout, q, k, v, **options))
+    out, lse = cuflash.attention(q, k, v, return_lse=True, backend=backend, **options)
+    return (out, lse, *cuflash.attention_backward(dout, q, k, v, out, lse, backend=backend, **options))
 
 
 def _f64_inputs(seed, B, Sq, Sk, Hq, Hkv, D, Dv):
@@ -22,10 +62,13 @@ def _f64_inputs(seed, B, Sq, Sk, Hq, Hkv, D, Dv):
 
 
 @given(seed=st.integers(0, 2**32 - 1), Sq=st.integers(1, 4), Sk=st.integers(1, 4), group=st.sampled_from([1, 2]),
-       D=st.integers(1, 3), Dv=st.integers(1, 3), causal=st.booleans(), alignment=ALIGN)
-def test_reference_gradients_match_finite_differences(seed, Sq, Sk, group, D, Dv, causal, alignment):
+       D=st.integers(1, 3), Dv=st.integers(1, 3), causal=st.booleans(), alignment=ALIGN,
+       softcap=st.one_of(st.none(), st.floats(0.5, 5.0)), slopes=SLOPES, data=st.data())
+def test_reference_gradients_match_finite_differences(seed, Sq, Sk, group, D, Dv, causal, alignment, softcap, slopes,
+                                                      data):
     q, k, v, dout = _f64_inputs(seed, 1, Sq, Sk, group, 1, D, Dv)
-    options = dict(causal=causal, causal_alignment=alignment, scale=0.7)
+    options = dict(causal=causal, causal_alignment=alignment, window=_window(data.draw, causal, SMALL_SIDES),
+                   softcap=softcap, alibi_slopes=_slopes(seed, slopes, 1, group), scale=0.7)
 
     def loss(q_, k_, v_):
         out, _ = cuflash.reference.attention(q_, k_, v_, **options)
@@ -72,52 +115,70 @@ def test_each_output_row_is_a_convex_combination_of_value_rows(seed, Sq, Sk, cau
     numpy.testing.assert_allclose(rows[..., 0], c, rtol=8 * numpy.finfo(dtype).eps)
 
 
-@given(seed=st.integers(0, 2**32 - 1), Sq=st.integers(1, 50), Sk=st.integers(1, 50), alignment=ALIGN)
-def test_causal_rows_ignore_keys_they_cannot_see(seed, Sq, Sk, alignment):
+@given(seed=st.integers(0, 2**32 - 1), Sq=st.integers(1, 50), Sk=st.integers(1, 50), alignment=ALIGN,
+       causal=st.booleans(), softcap=st.one_of(st.none(), st.floats(0.5, 50.0)), slopes=SLOPES, data=st.data())
+def test_rows_ignore_keys_outside_their_band(seed, Sq, Sk, alignment, causal, softcap, slopes, data):
+    """Keys a row cannot see (causal or window) may hold anything: its out, lse and dq stay bit for
+    bit the same, and keys that no row sees get dk = dv = 0 exactly."""
+    window = _window(data.draw, causal, st.one_of(st.none(), st.integers(0, 8), st.integers(0, 60)))
     q, k, v, dout = _f64_inputs(seed, 1, Sq, Sk, 2, 2, 8, 8)
-    offset = Sk - Sq if alignment == "bottom_right" else 0
     i = numpy.random.default_rng(seed).integers(Sq)
-    hidden = numpy.arange(Sk) > i + offset
+    hidden = ~_sees(i, numpy.arange(Sk), Sq, Sk, alignment, window, causal)
+    options = dict(causal=causal, causal_alignment=alignment, window=window, softcap=softcap,
+                   alibi_slopes=_slopes(seed, slopes, 1, 2), backend="numpy")
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+    unseen = ~_sees(numpy.arange(Sq)[:, None], numpy.arange(Sk)[None, :], Sq, Sk, alignment, window, causal).any(0)
+    assert numpy.all(dk[:, unseen] == 0) and numpy.all(dv[:, unseen] == 0)
     if not hidden.any():
         return
     k2, v2 = k.copy(), v.copy()
     k2[:, hidden] = 100 * numpy.random.default_rng(seed + 2).standard_normal(k2[:, hidden].shape)
     v2[:, hidden] = -7.0
-    options = dict(causal=True, causal_alignment=alignment, backend="numpy")
-    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
     out2, lse2 = cuflash.attention(q, k2, v2, return_lse=True, **options)
     numpy.testing.assert_array_equal(out2[:, i], out[:, i])
     numpy.testing.assert_array_equal(lse2[:, :, i], lse[:, :, i])
-    dq = cuflash.attention_backward(dout, q, k, v, out, lse, **options)[0]
     dq2 = cuflash.attention_backward(dout, q, k2, v2, out2, lse2, **options)[0]
     numpy.testing.assert_array_equal(dq2[:, i], dq[:, i])
 
 
-@pytest.mark.parametrize("backend", ["numpy", "reference"])
-@pytest.mark.parametrize("Sq,Sk", [(5, 2), (7, 3), (4, 0)])
-def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradients(backend, Sq, Sk):
+# (Sq, Sk, options): rows that see no key, from causal alignment, an empty key sequence, and windows
+# (a left bound empties the last rows, a narrow band beside a short key sequence the first ones).
+MASKED_ROW_CASES = [
+    (5, 2, dict(causal=True)),
+    (7, 3, dict(causal=True)),
+    (4, 0, dict(causal=True)),
+    (9, 4, dict(causal_alignment="top_left", window=(1, 1))),
+    (8, 3, dict(causal_alignment="top_left", window=(2, None))),
+    (6, 3, dict(window=(0, 0))),
+    (7, 2, dict(window=(None, 1), softcap=3.0)),
+    (9, 4, dict(causal=True, causal_alignment="top_left", window=(1, None), alibi_slopes="head")),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Sq,Sk,options", MASKED_ROW_CASES)
+def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradients(backend, Sq, Sk, options):
     q, k, v, dout = _f64_inputs(11, 2, Sq, Sk, 4, 2, 8, 8)
-    masked = numpy.arange(Sq) + (Sk - Sq) < 0  # bottom-right: rows that see no key
-    if backend == "reference":
-        out, lse = cuflash.reference.attention(q, k, v, causal=True)
-        dq, dk, dv = cuflash.reference.attention_backward(dout, q, k, v, causal=True)
-    else:
-        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True, backend=backend)
-        dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, backend=backend)
+    options = dict(options, alibi_slopes=_slopes(11, options.get("alibi_slopes"), 2, 4))
+    masked = ~_sees(numpy.arange(Sq)[:, None], numpy.arange(Sk)[None, :], Sq, Sk,
+                    options.get("causal_alignment", "bottom_right"), options.get("window"),
+                    options.get("causal", False)).any(axis=1)
+    assert masked.any() and (Sk == 0 or not masked.all()), "the case must have rows of both kinds"
+    out, lse, dq, dk, dv = _run(backend, dout, q, k, v, **options)
     for x in (out, lse, dq, dk, dv):
         assert not numpy.isnan(x).any()
     assert numpy.all(out[:, masked] == 0) and numpy.all(dq[:, masked] == 0)
     assert numpy.all(numpy.isneginf(lse[:, :, masked]))
     assert numpy.all(numpy.isfinite(lse[:, :, ~masked]))
-    # dout on masked rows must not reach dk, dv: change it there and nothing moves.
+    # dout on masked rows must not reach dk, dv, whatever it holds: NaN there changes nothing.
     dout2 = dout.copy()
-    dout2[:, masked] = 5.0
-    if backend == "reference":
-        grads2 = cuflash.reference.attention_backward(dout2, q, k, v, causal=True)
-    else:
-        grads2 = cuflash.attention_backward(dout2, q, k, v, out, lse, causal=True, backend=backend)
-    numpy.testing.assert_array_equal(grads2[1], dk)
-    numpy.testing.assert_array_equal(grads2[2], dv)
+    dout2[:, masked] = numpy.nan
+    _, _, dq2, dk2, dv2 = _run(backend, dout2, q, k, v, **options)
+    numpy.testing.assert_array_equal(dq2[:, ~masked], dq[:, ~masked])
+    assert numpy.all(dq2[:, masked] == 0)
+    numpy.testing.assert_array_equal(dk2, dk)
+    numpy.testing.assert_array_equal(dv2, dv)
 
 
 def test_causal_alignments_match_the_contract_diagrams():
@@ -131,3 +192,65 @@ def test_causal_alignments_match_the_contract_diagrams():
     numpy.testing.assert_array_equal(pattern(2, 5, "bottom_right"), [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     numpy.testing.assert_array_equal(pattern(5, 2, "bottom_right"), [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]])
     numpy.testing.assert_array_equal(pattern(2, 5, "top_left"), [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cap", [0.5, 2.0, 10.0])
+def test_softcap_bounds_the_logits(backend, cap):
+    """|logit| <= c: within a row the probabilities of visible keys differ by at most a factor
+    exp(2c), and lse lies within c of log(number of visible keys)."""
+    Sq, Sk = 6, 9
+    q, k, _, dout = _f64_inputs(5, 1, Sq, Sk, 2, 1, 16, Sk)
+    v = numpy.eye(Sk)[None, :, None, :]  # out row i = P row i
+    # scale 30 spreads the raw scores far beyond ±c, so the bound is the cap's doing.
+    options = dict(causal=True, causal_alignment="top_left", scale=30.0)
+    out, lse = _run(backend, dout, q, k, v, softcap=cap, **options)[:2]
+    uncapped = _run(backend, dout, q, k, v, **options)[0]
+    seen = _sees(numpy.arange(Sq)[:, None], numpy.arange(Sk)[None, :], Sq, Sk, "top_left", None, True)
+    count = seen.sum(axis=1)
+    for i in range(Sq):
+        P = out[0, i][:, seen[i]]  # (heads, visible keys)
+        assert numpy.all(P.max(axis=-1) <= numpy.exp(2 * cap) * P.min(axis=-1) * (1 + 1e-12))
+        assert numpy.all(numpy.abs(lse[0, :, i] - numpy.log(count[i])) <= cap * (1 + 1e-12))
+    spread = uncapped[0][:, :, seen[-1]]
+    assert numpy.any(spread.max(axis=-1) > numpy.exp(2 * cap) * spread.min(axis=-1)), "the cap did no work"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("slopes", ["head", "batch_head"])
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(causal_alignment="top_left", window=(3, 2))],
+                         ids=["full", "causal", "window top-left"])
+@pytest.mark.parametrize("Sq,Sk", [(7, 11), (11, 7)])
+def test_alibi_equals_an_explicit_distance_bias(backend, slopes, options, Sq, Sk):
+    """softmax(scale · Q Kᵀ − slope · |i + offset − j|) computed here directly, bias matrix and all."""
+    B, Hq, Hkv, D, scale = 2, 4, 2, 8, 0.4
+    q, k, v, dout = _f64_inputs(3, B, Sq, Sk, Hq, Hkv, D, 5)
+    alibi_slopes = _slopes(4, slopes, B, Hq)
+    alignment = options.get("causal_alignment", "bottom_right")
+    offset = Sk - Sq if alignment == "bottom_right" else 0
+    K, V = (numpy.repeat(x.transpose(0, 2, 1, 3), Hq // Hkv, axis=1) for x in (k, v))
+    logits = scale * (q.transpose(0, 2, 1, 3) @ K.transpose(0, 1, 3, 2)) + alibi_bias(alibi_slopes, B, Hq, Sq, Sk,
+                                                                                        offset)
+    seen = _sees(numpy.arange(Sq)[:, None], numpy.arange(Sk)[None, :], Sq, Sk, alignment, options.get("window"),
+                 options.get("causal", False))
+    E = numpy.where(seen, numpy.exp(logits), 0.0)
+    total = E.sum(axis=-1, keepdims=True)
+    with numpy.errstate(divide="ignore", invalid="ignore"):  # rows that see no key: log 0 = −inf, P = 0
+        expected_lse = numpy.log(total[..., 0])
+        expected_out = numpy.where(total > 0, E / total, 0.0) @ V
+    out, lse = _run(backend, dout, q, k, v, alibi_slopes=alibi_slopes, scale=scale, **options)[:2]
+    numpy.testing.assert_allclose(out, expected_out.transpose(0, 2, 1, 3), rtol=1e-12, atol=1e-13)
+    numpy.testing.assert_allclose(lse, expected_lse, rtol=1e-12, atol=1e-13)
+
+
+@given(seed=st.integers(0, 2**32 - 1), Sq=st.integers(1, 30), Sk=st.integers(1, 30), alignment=ALIGN)
+def test_steep_alibi_attends_to_the_aligned_key_only(seed, Sq, Sk, alignment):
+    """With slopes so steep that distance 1 costs e^-1000, each row's output is the value at
+    distance 0 (key i + offset), wherever that key exists."""
+    q, k, v, _ = _f64_inputs(seed, 2, Sq, Sk, 3, 1, 8, 4)
+    out = cuflash.attention(q, k, v, causal_alignment=alignment, backend="numpy",
+                            alibi_slopes=numpy.full(3, 1000.0, dtype=numpy.float32))
+    i = numpy.arange(Sq)
+    j = i + (Sk - Sq if alignment == "bottom_right" else 0)
+    rows = (j >= 0) & (j < Sk)
+    numpy.testing.assert_allclose(out[:, rows], numpy.broadcast_to(v[:, j[rows]], out[:, rows].shape), rtol=1e-12)
