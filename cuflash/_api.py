@@ -135,10 +135,13 @@ def _plan(check, what, backend, operands, slopes, options):
 
     ``check`` raises for bad arguments and nothing is kept then, so every bad call reports itself.
     """
+    values = tuple(options.values())
+    window = options.get("window")
+    # Types beside values, so that values the checks tell apart (True and 1) make different keys.
+    key = (check, what, backend, values, tuple(map(type, values)),
+           tuple(map(type, window)) if type(window) is tuple else None,
+           tuple([(x.shape, x.dtype) for x in operands]), None if slopes is None else (slopes.shape, slopes.dtype))
     try:
-        key = (check, what, backend, tuple(_frozen(v) for v in options.values()),
-               tuple((x.shape, x.dtype) for x in operands),
-               None if slopes is None else (slopes.shape, slopes.dtype))
         plan = _PLANS.get(key)
     except TypeError:  # an unhashable option value: the checks will say what is wrong with it
         key = plan = None

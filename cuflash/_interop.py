@@ -196,16 +196,17 @@ class _GpuContext:
         if self.stream is not None:
             self._previous_stream = cupy.cuda.get_current_stream()
             _external_stream(self.device_id, self.stream).use()
-        self._allocation = None
         if self.allocator is not None:
-            self._allocation = cupy.cuda.using_allocator(self.allocator)
-            self._allocation.__enter__()
+            # What cupy.cuda.using_allocator does, without its generator's cost.
+            memory = cupy.cuda.memory
+            self._allocation = memory._get_thread_local_allocator()
+            memory._set_thread_local_allocator(self.allocator)
         return self
 
     def __exit__(self, *exc):
         cupy = _cupy()
-        if self._allocation is not None:
-            self._allocation.__exit__(*exc)
+        if self.allocator is not None:
+            cupy.cuda.memory._set_thread_local_allocator(self._allocation)
         if self._previous_stream is not None:
             self._previous_stream.use()
         if self._previous_device != self.device_id:
@@ -257,18 +258,33 @@ class Origin:
         """
         if self.kind != "torch":
             return None
-        torch = sys.modules["torch"]
+        empty = sys.modules["torch"].empty
         device = _torch_device(self.device_type, self.device_id)
-        tensors = [torch.empty(shape, dtype=_torch_dtype(dtype), device=device) for shape, dtype in specs]
+        tensors = [empty(shape, dtype=_torch_dtype(dtype), device=device) for shape, dtype in specs]
         return tensors, [_torch_view(t, dtype) for t, (_, dtype) in zip(tensors, specs)]
 
 
 _NUMPY_ORIGIN = Origin("numpy", _CPU, 0)
+_CUPY_ORIGINS = {}
+
+
+def _cupy_origin(device_id):
+    origin = _CUPY_ORIGINS.get(device_id)
+    if origin is None:
+        origin = _CUPY_ORIGINS[device_id] = Origin("cupy", _CUDA, device_id)
+    return origin
+
+
+_TORCH_DEVICES = {}
 
 
 def _torch_device(device_type, device_id):
-    torch = sys.modules["torch"]
-    return torch.device("cuda", device_id) if device_type == _CUDA else torch.device("cpu")
+    device = _TORCH_DEVICES.get((device_type, device_id))
+    if device is None:
+        torch = sys.modules["torch"]
+        device = torch.device("cuda", device_id) if device_type == _CUDA else torch.device("cpu")
+        _TORCH_DEVICES[(device_type, device_id)] = device
+    return device
 
 
 _TORCH_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -287,21 +303,40 @@ def _torch_dtype(dtype):
 
 def _torch_view(tensor, dtype):
     """A float tensor as a NumPy (CPU) or CuPy (CUDA) array of ``dtype`` over the same memory, with
-    its strides. bfloat16 passes as int16, which both can view, and is relabelled on arrival."""
-    torch = sys.modules["torch"]
+    its strides. bfloat16 passes as int16, which NumPy can view, and is relabelled on arrival."""
     if tensor.requires_grad:
         tensor = tensor.detach()
-    carrier = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
-    if not tensor.is_cuda:
-        return carrier.numpy().view(dtype)
-    cupy = _cupy()
-    itemsize = tensor.element_size()
-    shape = tuple(tensor.shape)
-    strides = tuple(s * itemsize for s in tensor.stride())
-    # The span the strides reach, which is what CuPy's bookkeeping of the memory needs.
-    extent = itemsize + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
-    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), extent, tensor, tensor.get_device())
-    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0), strides=strides)
+    if tensor.is_cuda:
+        itemsize = tensor.element_size()
+        return _cupy_view(tensor.data_ptr(), tuple(tensor.shape), tuple(s * itemsize for s in tensor.stride()),
+                          dtype, tensor.get_device())
+    torch = sys.modules["torch"]
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(dtype)
+    return tensor.numpy()
+
+
+# CuPy arrays over callers' GPU memory, by (pointer, shape, byte strides, dtype, device). Building
+# one costs several microseconds, a lookup about one. The arrays own nothing: one is used only
+# while the caller passes memory with exactly that address and layout, which keeps it alive for
+# the call, so an entry whose memory was freed since is never read. Emptied past a bound.
+_CUDA_VIEWS = {}
+
+
+def _cupy_view(pointer, shape, strides, dtype, device_id):
+    key = (pointer, shape, strides, dtype, device_id)
+    view = _CUDA_VIEWS.get(key)
+    if view is None:
+        cupy = _cupy()
+        itemsize = numpy.dtype(dtype).itemsize
+        # The span the strides reach, which is what CuPy's bookkeeping of the memory needs.
+        extent = itemsize + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
+        memory = cupy.cuda.UnownedMemory(pointer, extent, None, device_id)
+        view = cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0), strides=strides)
+        if len(_CUDA_VIEWS) >= 4 * _MAX_CACHED:
+            _CUDA_VIEWS.clear()
+        _CUDA_VIEWS[key] = view
+    return view
 
 
 _TORCH_ALLOCATORS = {}
@@ -345,7 +380,7 @@ def _origin_of(x):
     if _instance_of(x, "torch", "Tensor"):
         return _torch_origin(x)
     if _instance_of(x, "cupy", "ndarray"):
-        return Origin("cupy", _CUDA, x.device.id)
+        return _cupy_origin(x.device.id)
     if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
         return None
     device_type, device_id = (int(n) for n in x.__dlpack_device__())
@@ -402,6 +437,20 @@ def _torch_float(x):
     return None if found is False else found
 
 
+def _torch_operand(x):
+    """A torch float tensor on the CPU or a CUDA device viewed in place without DLPack (no stream
+    to wait for: cuflash runs on PyTorch's current stream); None where DLPack must do it."""
+    if not (x.is_cuda or x.is_cpu):
+        return None
+    dtype = _torch_float(x)
+    if dtype is None:
+        return None
+    try:
+        return _torch_view(x, dtype)
+    except (RuntimeError, TypeError, ValueError):
+        return None  # e.g. a tensor with its negative bit set: DLPack resolves or reports it
+
+
 def _import(name, x, origin):
     """One operand as a NumPy (CPU) or CuPy (CUDA) array over the caller's memory.
 
@@ -409,13 +458,6 @@ def _import(name, x, origin):
     """
     if origin.kind in ("numpy", "cupy"):
         return x, None
-    if origin.kind == "torch" and origin.device_type in (_CPU, _CUDA):
-        dtype = _torch_float(x)
-        if dtype is not None:
-            try:
-                return _torch_view(x, dtype), None
-            except (RuntimeError, TypeError, ValueError):
-                pass  # e.g. a tensor with its negative bit set: DLPack resolves or reports it
     if origin.kind == "torch" and x.requires_grad:
         x = x.detach()
     producer = _Relabelled(x, _BFLOAT, _UINT)
@@ -446,8 +488,8 @@ def buffer_array(buffer):
     except (AttributeError, BufferError, KeyError, TypeError, ValueError):
         # No array interface for this dtype: DLPack, with bfloat16 carried as uint16.
         return cupy.from_dlpack(_Relabelled(buffer, _BFLOAT, _UINT)).view(dtype)
-    memory = cupy.cuda.UnownedMemory(pointer, math.prod(shape) * dtype.itemsize, buffer, device_id)
-    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
+    strides = tuple(numpy.cumprod((dtype.itemsize,) + shape[:0:-1])[::-1].tolist()) if shape else ()
+    return _cupy_view(pointer, shape, strides, dtype, device_id)
 
 
 def _raise(what, problems):
@@ -477,20 +519,25 @@ def import_operands(what, **operands):
                             "cuflash takes CPU and CUDA memory only")
         else:
             origins[name] = origin
-    if len({(o.kind, o.place) for o in origins.values()}) > 1:
+    first = next(iter(origins.values()), None)
+    # Operands of one framework, device and stream share one cached Origin; compare places otherwise.
+    if any(o is not first for o in origins.values()) and len({(o.kind, o.place) for o in origins.values()}) > 1:
         listed = ", ".join(f"{n}: {o.kind} on {o.place}" for n, o in origins.items())
         problems.append(f"all operands must come from one framework on one device, got {listed}; "
                         "convert them to one framework and device first")
     if problems:
         _raise(what, problems)
     origin = next(iter(origins.values()))
-    arrays = []
-    with origin.context():
-        for name, x in operands.items():
-            array, problem = _import(name, x, origin)
-            arrays.append(array)
-            if problem is not None:
-                problems.append(problem)
+    if origin.kind in ("numpy", "cupy"):  # already arrays cuflash computes on
+        return list(operands.values()), origin
+    arrays = [_torch_operand(x) for x in operands.values()] if origin.kind == "torch" else [None] * len(operands)
+    if any(a is None for a in arrays):
+        with origin.context():
+            for i, (name, x) in enumerate(operands.items()):
+                if arrays[i] is None:
+                    arrays[i], problem = _import(name, x, origin)
+                    if problem is not None:
+                        problems.append(problem)
     if problems:
         _raise(what, problems)
     return arrays, origin
@@ -502,6 +549,8 @@ def export(result, origin):
     Results already on the caller's device are shared, not copied; results of the other backend
     (the NumPy backend on CUDA operands, the CUDA backend on CPU operands) are copied across.
     """
+    if origin.to_caller is None and type(result) is (_cupy().ndarray if origin.on_gpu else numpy.ndarray):
+        return result  # a NumPy/CuPy caller, and the result is where its operands were
     with origin.context():
         if origin.on_gpu:
             cupy = _cupy()

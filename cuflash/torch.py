@@ -157,9 +157,29 @@ class _Attention(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * (1 + len(ctx.options))
 
 
+_CHECKED = {}
+
+
 def _checked_options(causal, causal_alignment, window, softcap, scale, deterministic):
     """The options as the operators take them, or one TypeError/ValueError listing what is wrong
-    (before anything runs: the forward would not look at ``deterministic``)."""
+    (before anything runs: the forward would not look at ``deterministic``). Valid option sets
+    are remembered, so a repeated call only looks them up."""
+    if torch.compiler.is_compiling():  # traced once per compilation: nothing to remember
+        return _check_options(causal, causal_alignment, window, softcap, scale, deterministic)
+    key = _api._frozen((causal, causal_alignment, window, softcap, scale, deterministic))
+    try:
+        return _CHECKED[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable value, which the checks below report
+        key = None
+    checked = _check_options(causal, causal_alignment, window, softcap, scale, deterministic)
+    if key is not None and len(_CHECKED) < 1024:
+        _CHECKED[key] = checked
+    return checked
+
+
+def _check_options(causal, causal_alignment, window, softcap, scale, deterministic):
     problems = _problem._Problems()
     _problem._check_options(problems, causal, causal_alignment, scale, "auto")
     sides = _problem._check_window(problems, window, causal)

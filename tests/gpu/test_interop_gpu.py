@@ -260,3 +260,166 @@ def test_jax_gpu_gradients_through_the_adapter():
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
     assert all(g.devices() == {gpu} and g.dtype == jnp.float32 for g in grads)
     _check(host, numpy.asarray(out), [numpy.asarray(g) for g in grads])
+
+
+# --- Compiled programs: torch.compile, CUDA graphs, jax.jit/vmap ---------------------------------
+
+
+def test_torch_compile_on_cuda_matches_eager_bitwise():
+    torch = _torch()
+    import cuflash.torch
+
+    q, k, v, dout = _tensors(torch, 52, "bfloat16" if BFLOAT16 is not None else "float16")
+
+    def attend(q, k, v):
+        return cuflash.torch.attention(q, k, v, deterministic=True, **OPTIONS)
+
+    torch._dynamo.reset()
+    results = []
+    for run in (attend, torch.compile(attend, fullgraph=True)):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = run(*leaves)
+        results.append((out.detach(), torch.autograd.grad(out, leaves, dout)))
+    (eager_out, eager_grads), (compiled_out, compiled_grads) = results
+    assert torch.equal(compiled_out, eager_out)
+    assert all(torch.equal(a, b) for a, b in zip(compiled_grads, eager_grads))
+
+
+def _fresh_values(torch, tensors, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for x in tensors:
+        x.copy_(torch.randn(x.shape, generator=g, device="cuda", dtype=x.dtype))
+
+
+def test_torch_cuda_graph_capture_and_replay_of_forward_and_backward():
+    torch = _torch()
+    import cuflash.torch
+
+    q, k, v, dout = _tensors(torch, 53, "float16", requires_grad=True)
+
+    def step():
+        out = cuflash.torch.attention(q, k, v, deterministic=True, **OPTIONS)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    # Warm-up on a side stream (compiles the kernels; PyTorch's recipe for capture), then capture.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in (54, 55):
+        with torch.no_grad():
+            _fresh_values(torch, (q, k, v, dout), seed)
+        graph.replay()
+        expected = step()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(captured, expected))
+
+
+def test_torch_compile_with_cuda_graphs_matches_eager():
+    torch = _torch()
+    import cuflash.torch
+
+    q, k, v, _ = _tensors(torch, 56, "float16")
+
+    def attend(q, k, v):
+        return cuflash.torch.attention(q, k, v, **OPTIONS) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, mode="reduce-overhead")
+    for seed in (57, 58, 59):  # the first calls record, later ones replay the CUDA graph
+        _fresh_values(torch, (q, k, v), seed)
+        got = compiled(q, k, v).clone()
+        assert torch.equal(got, attend(q, k, v))
+
+
+def test_cupy_graph_capture_and_replay_of_forward_and_backward():
+    import cupy
+
+    rng = numpy.random.default_rng(60)
+    shapes = [(2, 100, 4, 64), (2, 130, 2, 64), (2, 130, 2, 64), (2, 100, 4, 64)]
+    q, k, v, dout = (cupy.asarray(rng.standard_normal(s).astype(numpy.float16)) for s in shapes)
+
+    def step():
+        out, lse = cuflash.attention(q, k, v, return_lse=True, **OPTIONS)
+        return (out, *cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **OPTIONS))
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        step()  # compiles the kernels, which a capture cannot contain
+        stream.begin_capture()
+        captured = step()
+        graph = stream.end_capture()
+        for _ in range(2):
+            for x in (q, k, v, dout):
+                x[...] = cupy.asarray(rng.standard_normal(x.shape).astype(numpy.float16))
+            graph.launch()
+            expected = step()
+            stream.synchronize()
+            assert all(bool((a == b).all()) for a, b in zip(captured, expected))
+
+
+def _jax_inputs(jax, gpu, seed, dtype, shapes=((2, 100, 4, 64), (2, 130, 2, 64), (2, 130, 2, 64), (2, 100, 4, 64))):
+    rng = numpy.random.default_rng(seed)
+    host = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    return host, [jax.device_put(x, gpu) for x in host]
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(numpy.float16, id="float16"), pytest.param(BFLOAT16, id="bfloat16")])
+def test_jax_jit_on_gpu_matches_eager_bitwise_and_the_reference(dtype):
+    if dtype is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    jax, gpu = _jax_gpu()
+    import cuflash.jax
+    import jax.numpy as jnp
+
+    host, (q, k, v, dout) = _jax_inputs(jax, gpu, 61, dtype)
+
+    def loss(q, k, v):
+        out = cuflash.jax.attention(q, k, v, deterministic=True, **OPTIONS)
+        return (out.astype(jnp.float32) * dout.astype(jnp.float32)).sum(), out
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    with recording("cuda") as calls:
+        (_, jit_out), jit_grads = jax.jit(grad)(q, k, v)
+    (_, out), grads = grad(q, k, v)
+    assert numpy.array_equal(numpy.asarray(jit_out), numpy.asarray(out))
+    assert all(numpy.array_equal(numpy.asarray(a), numpy.asarray(b)) for a, b in zip(jit_grads, grads))
+    # The kernels read XLA's buffers in place: the jitted function's arguments are q, k, v.
+    assert [pointer(a) for a in calls["forward"][0].arrays] == [x.unsafe_buffer_pointer() for x in (q, k, v)]
+    assert all(g.devices() == {gpu} and g.dtype == dtype for g in jit_grads)
+    _check(host, numpy.asarray(jit_out), [numpy.asarray(g) for g in jit_grads])
+
+
+def test_jax_on_gpu_matches_jax_nn_dot_product_attention_under_jit_vmap_and_grad():
+    jax, gpu = _jax_gpu()
+    import cuflash.jax
+    import jax.numpy as jnp
+
+    shapes = ((3, 2, 128, 4, 64), (3, 2, 128, 2, 64), (3, 2, 128, 2, 64))
+    host, (q, k, v) = _jax_inputs(jax, gpu, 62, numpy.float32, shapes)
+
+    def ours(q, k, v):
+        return cuflash.jax.attention(q, k, v, causal=True)
+
+    def xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    def grads(fn):
+        return jax.jit(jax.vmap(jax.grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))))
+
+    out = jax.jit(jax.vmap(ours))(q, k, v)
+    # XLA's float32 products default to TF32 on the GPU; cuflash's float32 kernels are accurate.
+    with jax.default_matmul_precision("highest"):
+        expected = jax.jit(jax.vmap(xla))(q, k, v)
+        expected_grads = grads(xla)(q, k, v)
+    numpy.testing.assert_allclose(numpy.asarray(out), numpy.asarray(expected), rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads(ours)(q, k, v), expected_grads):
+        numpy.testing.assert_allclose(numpy.asarray(a), numpy.asarray(b), rtol=1e-3, atol=1e-3)
+    # And each mapped slice against the float64 reference.
+    for i in range(3):
+        ref, _ = cuflash.reference.attention(*(x[i] for x in host), causal=True)
+        numpy.testing.assert_allclose(numpy.asarray(out[i]), ref, rtol=1e-4, atol=1e-4)
