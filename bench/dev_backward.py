@@ -21,28 +21,28 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cuflash._cuda import backward, runtime  # noqa: E402
-from cuflash._problem import Problem  # noqa: E402
+from cuflash._cuda import backward, runtime, variants  # noqa: E402
+from cuflash._problem import check_forward  # noqa: E402
 from bench_attention import median_ms  # noqa: E402
 
-C, E, K, W = backward.Config, backward.Entry, backward.KvConfig, backward.WgConfig
+R, E, K, W = variants.RowsTile, variants.BwdEntry, variants.KvTile, variants.WgTile
 # (dtype kind, bucket) -> alternative entries to time beside the table's choice.
 VARIANTS = {
-    ("16bit", 64): [E(K(128, 128, 8, 4, 4, 4, kk_unroll=1), C(128, 64, 8)), E(W(64), C(128, 64, 8))],
-    ("16bit", 128): [E(K(128, 64, 8, 4, 4, 2), C(128, 64, 8))],
-    ("float32", 64): [E(C(128, 32, 8), C(64, 32, 8, 2))],
-    ("float32", 128): [E(C(64, 32, 8, 2, split_stream=True), C(64, 32, 8, 2))],
+    ("16bit", 64): [E(K(128, 128, 8, 4, 4, 4, kk_unroll=1), R(128, 64, 8)), E(W(64), R(128, 64, 8))],
+    ("16bit", 128): [E(K(64, 128, 8, 4, 4, 2), R(128, 64, 8))],
+    ("float32", 64): [E(R(32, 128, 8), R(64, 32, 8, 2))],
+    ("float32", 128): [E(R(32, 64, 8, 2, split_stream=True), R(64, 32, 8, 2))],
 }
 
 
 def prewarm(family):
     """Compile every instantiation of this family's tables on all cores (NVRTC releases the GIL)."""
-    jobs = list(backward.instantiations(family))
+    jobs = [job for job in variants.instantiations(family)]
     for (kind, bucket), entries in VARIANTS.items():
         for entry in entries:
-            for name in (("bfloat16", "float16") if kind == "16bit" else ("float32",)):
-                jobs.append((backward.main_source(entry.dkdv), backward.KERNEL_DKDV,
-                             backward.main_defines(entry.dkdv, bucket, name, 0, 1)))
+            for name in variants.dtypes_of(kind):
+                jobs.append((variants.dkdv_source(entry.dkdv), variants.DKDV_KERNEL,
+                             variants.dkdv_defines(entry.dkdv, bucket, name, True, 0)))
     t0 = time.time()
     failures = []
 
@@ -71,10 +71,9 @@ def torch_inputs(torch, B, N, H, D, dtype, causal, seed=0):
     return q, k, v, do, out, lse
 
 
-def problem_for(B, N, H, D, dtype_name, causal):
-    return Problem(batch=B, seqlen_q=N, seqlen_k=N, heads_q=H, heads_kv=H, head_dim=D, head_dim_v=D,
-                   dtype=np.dtype(dtype_name if dtype_name != "bfloat16" else "bfloat16"), causal=causal,
-                   causal_offset=0, scale=1.0 / math.sqrt(D))
+def problem_for(bshd, causal):
+    """The checked problem of BSHD CuPy arrays (dout, q, k, v, out)."""
+    return check_forward(*bshd[1:4], causal=causal, causal_alignment="bottom_right", scale=None, backend="cuda")
 
 
 def profile():
@@ -82,11 +81,11 @@ def profile():
 
     B, N, H, D = 2, 8192, 16, 128
     q, k, v, do, out, lse = torch_inputs(torch, B, N, H, D, torch.bfloat16, False)
-    prob = problem_for(B, N, H, D, "bfloat16", False)
     bshd = [cp.from_dlpack(x.transpose(1, 2).detach()) for x in (do, q, k, v, out)]
+    prob = problem_for(bshd, False)
     dq, dk, dv = (cp.empty(x.shape, dtype=x.dtype) for x in bshd[1:4])
     for deterministic in (False, True):
-        backward._launch(*bshd, cp.from_dlpack(lse), dq, dk, dv, prob, deterministic, None)
+        backward.flash_backward(*bshd, cp.from_dlpack(lse), None, dq, dk, dv, prob, deterministic)
     cp.cuda.Device().synchronize()
 
 
@@ -110,7 +109,7 @@ def main():
 
     major, minor = runtime.compute_capability()
     print(cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), f"sm_{major}{minor}", flush=True)
-    prewarm(backward.family(major, minor))
+    prewarm(variants.family(major, minor))
     if args.no_time:
         return
     table = []
@@ -121,16 +120,16 @@ def main():
                 for causal in (False, True):
                     B, H = max(1, 16384 // N), 2048 // D
                     q, k, v, do, out, lse = torch_inputs(torch, B, N, H, D, tdtype, causal)
-                    prob = problem_for(B, N, H, D, dtype_name, causal)
                     bshd = [cp.from_dlpack(x.transpose(1, 2).detach()) for x in (do, q, k, v, out)]
+                    prob = problem_for(bshd, causal)
                     c_lse = cp.from_dlpack(lse)
                     dq, dk, dv = (cp.empty(x.shape, dtype=x.dtype) for x in bshd[1:4])
                     flops = 2.5 * 4 * B * H * N * N * D / (2 if causal else 1)
-                    bucket = backward.head_dim_bucket(D, D)
+                    bucket = variants.head_dim_bucket(D, D)
                     entries = [("table", None)]
                     if args.variants:
                         entries += [(f"v{i}", e)
-                                    for i, e in enumerate(VARIANTS.get((backward._kind(dtype_name), bucket), []))]
+                                    for i, e in enumerate(VARIANTS.get((variants.kind(dtype_name), bucket), []))]
                     row = {"case": f"{dtype_name} d={D} N={N} {'causal' if causal else 'full'}"}
                     # Accuracy of every entry vs torch float32 autograd on the same inputs (one call each).
                     qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
@@ -141,14 +140,14 @@ def main():
                     for label, entry in entries:
                         for x in (dq, dk, dv):
                             x.fill(float("nan"))
-                        backward._launch(*bshd, c_lse, dq, dk, dv, prob, False, entry)
+                        backward.flash_backward(*bshd, c_lse, None, dq, dk, dv, prob, False, entry)
                         errs = [float(cp.max(cp.abs(mine.astype(cp.float32) - r))) for mine, r in zip((dq, dk, dv), gref)]
                         row[label + "_err"] = max(errs)
                         row[label + "_errs"] = [f"{e:.3g}" for e in errs]  # dq, dk, dv
-                        ms = median_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, False, entry))
+                        ms = median_ms(lambda: backward.flash_backward(*bshd, c_lse, None, dq, dk, dv, prob, False, entry))
                         row[label] = flops / ms / 1e9
                     del gref
-                    ms = median_ms(lambda: backward._launch(*bshd, c_lse, dq, dk, dv, prob, True, None))
+                    ms = median_ms(lambda: backward.flash_backward(*bshd, c_lse, None, dq, dk, dv, prob, True))
                     row["determ"] = flops / ms / 1e9
                     qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
                     backend = SDPBackend.FLASH_ATTENTION if dtype_name != "float32" else SDPBackend.EFFICIENT_ATTENTION

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cuflash._cuda import forward, runtime  # noqa: E402
-from cuflash._problem import Problem  # noqa: E402
+from cuflash._cuda import forward, runtime, variants  # noqa: E402
+from cuflash._problem import check_forward  # noqa: E402
 from bench_attention import median_ms  # noqa: E402
 
 BF16 = np.dtype("bfloat16") if hasattr(np, "bfloat16") else None
@@ -33,7 +33,7 @@ except ImportError:
     pass
 
 DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32)}
-C = forward.Config
+C = variants.FwdTile
 # (dtype kind, bucket) -> alternative configurations to time beside the table's choice.
 VARIANTS = {
     ("16bit", 64): [C(128, 64, 4, 2), C(128, 128, 4, 2), C(128, 64, 4, 3), C(128, 128, 8, 2), C(64, 64, 4, 2)],
@@ -43,12 +43,6 @@ VARIANTS = {
     ("float32", 128): [C(128, 32, 8, 2), C(128, 16, 8, 2, split_q=True), C(128, 32, 8, 2, max_regs=168, split_q=True),
                        C(64, 32, 4, 2, split_q=True)],
 }
-
-
-def problem_of(B, Sq, Sk, Hq, Hkv, D, Dv, dtype, causal, align="bottom_right", scale=None):
-    return Problem(batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=Hkv, head_dim=D, head_dim_v=Dv,
-                   dtype=dtype, causal=causal, causal_offset=(Sk - Sq) if align == "bottom_right" else 0,
-                   scale=1 / math.sqrt(D) if scale is None else scale)
 
 
 def reference(q, k, v, p, compute_dtype=np.float64, round_to=None):
@@ -62,10 +56,8 @@ def reference(q, k, v, p, compute_dtype=np.float64, round_to=None):
     K = cp.repeat(k.astype(compute_dtype).transpose(0, 2, 1, 3), g, axis=1)
     V = cp.repeat(v.astype(compute_dtype).transpose(0, 2, 1, 3), g, axis=1)
     S = rnd(p.scale * (Q @ K.transpose(0, 1, 3, 2)))
-    if p.causal:
-        i = cp.arange(p.seqlen_q)[:, None]
-        j = cp.arange(p.seqlen_k)[None, :]
-        S = cp.where(j <= i + p.causal_offset, S, -cp.inf)
+    if not p.mask.is_full:
+        S = cp.where(cp.asarray(p.mask.matrix()), S, -cp.inf)
     m = S.max(axis=-1, keepdims=True) if p.seqlen_k else cp.full(S.shape[:-1] + (1,), -cp.inf, compute_dtype)
     shift = cp.where(cp.isneginf(m), 0, m)
     E = cp.exp(S - shift)
@@ -90,16 +82,16 @@ def randn(shape, dtype, layout="bshd"):
 
 def run_case(B, Sq, Sk, Hq, Hkv, D, Dv, dtype_name, causal, align="bottom_right", layout="bshd", config=None):
     dtype = DTYPES[dtype_name]
-    p = problem_of(B, Sq, Sk, Hq, Hkv, D, Dv, dtype, causal, align)
     q = randn((B, Sq, Hq, D), dtype, layout)
     k = randn((B, Sk, Hkv, D), dtype, layout)
     v = randn((B, Sk, Hkv, Dv), dtype, layout)
+    p = check_forward(q, k, v, causal=causal, causal_alignment=align, scale=None, backend="cuda")
     out = cp.full((B, Sq, Hq, Dv), np.nan, dtype)
     lse = cp.full((B, Hq, Sq), np.nan, np.float32)
-    forward._launch(q, k, v, out, lse, p, config)
+    forward.flash_forward(q, k, v, None, out, lse, p, config)
     out2 = cp.full_like(out, np.nan)
     lse2 = cp.full_like(lse, np.nan)
-    forward._launch(q, k, v, out2, lse2, p, config)
+    forward.flash_forward(q, k, v, None, out2, lse2, p, config)
     cp.cuda.Device().synchronize()
     O, L = reference(q, k, v, p)
     naive_dtype = np.float32 if dtype_name == "float32" else dtype
@@ -177,19 +169,20 @@ def bench(variants, dtypes=("bfloat16",), dims=(64, 128), ns=(2048, 8192)):
                 b = max(1, 16384 // n)
                 for causal in (False, True):
                     dtype = DTYPES[dt]
-                    p = problem_of(b, n, n, h, h, d, d, dtype, causal)
                     q, k, v = (randn((b, n, h, d), dtype) for _ in range(3))
+                    p = check_forward(q, k, v, causal=causal, causal_alignment="bottom_right", scale=None,
+                                      backend="cuda")
                     out = cp.empty((b, n, h, d), dtype)
                     lse = cp.empty((b, h, n), np.float32)
                     flops = 4 * b * h * n * n * d / (2 if causal else 1)
                     kind = "float32" if dt == "float32" else "16bit"
-                    chosen, bucket, fam = forward.choose_config(p)
+                    chosen, bucket, fam = forward.choose_tile(p)
                     configs = [chosen] + (variants.get((kind, bucket), []) if variants else [])
                     row = {"dtype": dt, "d": d, "n": n, "causal": causal}
                     for cfg in configs:
                         key = f"cuflash {cfg.block_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}b{cfg.min_blocks}r{cfg.max_regs}"
                         try:
-                            ms = median_ms(lambda: forward._launch(q, k, v, out, lse, p, cfg))
+                            ms = median_ms(lambda: forward.flash_forward(q, k, v, None, out, lse, p, cfg))
                             row[key] = flops / ms / 1e9
                         except Exception as exc:
                             row[key] = f"err {str(exc)[:60]}"

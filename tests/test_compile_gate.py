@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cuflash._cuda import backward, forward, runtime
+from cuflash._cuda import params, runtime, variants
 
 PTXAS_STRICT = ("-Xptxas=--warn-on-spills", "-Xptxas=--warning-as-error")
 
@@ -29,18 +29,17 @@ _LOADABLE, _WHY = _nvrtc_loadable()
 pytestmark = pytest.mark.skipif(not _LOADABLE, reason=_WHY)
 
 
-def _forward_cases():
-    """(source, kernel, defines, arch): each family's instantiations for the architectures it runs on."""
-    return [(forward.SOURCE, name, defines, arch)
-            for family, archs in forward.FAMILY_ARCHS.items()
-            for name, defines in forward.instantiations(family) for arch in archs]
-
-
-def _backward_cases():
-    """(source, kernel, defines, arch): each family's backward instantiations for its architectures."""
+def _cases(kind):
+    """(source, kernel, defines, arch): each family's instantiations of one kind ("fwd", "bwd") for
+    the architectures the family runs on."""
     return [(source, name, defines, arch)
-            for family, archs in backward.FAMILY_ARCHS.items()
-            for source, name, defines in backward.instantiations(family) for arch in archs]
+            for family, archs in variants.FAMILY_ARCHS.items()
+            for source, name, defines in variants.instantiations(family) if _kind_of(source) == kind
+            for arch in archs]
+
+
+def _kind_of(source):
+    return "fwd" if source == variants.FWD_SOURCE else "bwd"
 
 
 def _compile(case):
@@ -52,9 +51,9 @@ def _compile(case):
     return None
 
 
-@pytest.mark.parametrize("cases", [_forward_cases, _backward_cases], ids=["forward", "backward"])
-def test_every_instantiation_compiles_without_spills(cases):
-    cases = cases()
+@pytest.mark.parametrize("kind", ["fwd", "bwd"], ids=["forward", "backward"])
+def test_every_instantiation_compiles_without_spills(kind):
+    cases = _cases(kind)
     assert cases, "the launcher lists no instantiation"
     # NVRTC programs are independent, and compiling releases the GIL: one thread per core.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -63,23 +62,48 @@ def test_every_instantiation_compiles_without_spills(cases):
     assert not failures, f"{len(failures)} of {len(cases)} compiles failed; the first:\n" + "\n\n".join(failures[:3])
 
 
-def test_forward_configs_fit_shared_memory():
-    limits = {"sm80": forward._SM80_SMEM_LIMIT, "sm90": forward._SM90_SMEM_LIMIT}
-    for (family, kind), table in forward.CONFIGS.items():
+def test_forward_tiles_fit_shared_memory():
+    for (family, kind), table in variants.FWD_TILES.items():
         elem_bytes = 4 if kind == "float32" else 2
-        for bucket, config in table.items():
-            assert config.smem_bytes(bucket, elem_bytes) <= limits[family], (family, kind, bucket, config)
+        for bucket, tile in table.items():
+            assert tile.smem_bytes(bucket, elem_bytes) <= variants.SMEM_LIMITS[family], (family, kind, bucket, tile)
+    for key, tile in variants.FWD_SPILL_TILES.items():
+        family, kind, bucket = key[:3]
+        assert tile.smem_bytes(bucket, 4 if kind == "float32" else 2) <= variants.SMEM_LIMITS[family], key
 
 
-def test_backward_configs_fit_shared_memory():
+def test_backward_tiles_fit_shared_memory():
     """The atomic dK/dV variant may exceed the sm80 family's limit (the launcher then takes the dQ
     kernel), but on sm90 every variant fits."""
-    limits = {"sm80": forward._SM80_SMEM_LIMIT, "sm90": forward._SM90_SMEM_LIMIT}
-    for (family, kind), table in backward.CONFIGS.items():
+    for (family, kind), table in variants.BWD_TILES.items():
         elem = 4 if kind == "float32" else 2
+        limit = variants.SMEM_LIMITS[family]
         for bucket, entry in table.items():
             where = (family, kind, bucket)
-            assert entry.dkdv.smem_bytes(bucket, elem, True, False) <= limits[family], where
-            assert entry.dq.smem_bytes(bucket, elem, False, False) <= limits[family], where
+            assert entry.dkdv.smem_bytes(bucket, elem, True, False) <= limit, where
+            assert entry.dq.smem_bytes(bucket, elem, False, False) <= limit, where
             if family == "sm90":
-                assert entry.dkdv.smem_bytes(bucket, elem, True, True) <= limits[family], where
+                assert entry.dkdv.smem_bytes(bucket, elem, True, True) <= limit, where
+
+
+def test_parameter_layout_checks_fail_on_a_mismatch():
+    """The layout checks appended to every program really compare params.cuh with params.py: a
+    struct whose fields are reordered does not compile."""
+    source = runtime.cuda_source("core/params.cuh")
+    swapped = source.replace("const void* q;  ", "const void* k_;").replace("const void* k;  ", "const void* q;  ")
+    swapped = swapped.replace("const void* k_;", "const void* k;  ")
+    assert swapped != source
+    from cupy_backends.cuda.libs import nvrtc
+
+    def compiles(text):
+        program = nvrtc.createProgram(text + params.layout_asserts(), "layout.cu", [], [])
+        try:
+            nvrtc.compileProgram(program, ["--std=c++20", "-arch=sm_80"])
+            return True
+        except nvrtc.NVRTCError:
+            return False
+        finally:
+            nvrtc.destroyProgram(program)
+
+    assert compiles(source)
+    assert not compiles(swapped)

@@ -1,17 +1,21 @@
-// Pieces shared by the backward's main kernels (flash_bwd.cu, flash_bwd_dkdv.cu,
-// flash_bwd_dkdv_sm90.cu): tile loads into shared memory, the float32 reductions of dQ into its
-// workspace, the CTA work decode and the dK/dV stores.
+// Tile I/O shared by every kernel: the view of one head of a BSHD tensor, tile loads into shared
+// memory, loads of per-row float vectors, the float32 reductions of dQ into its workspace and the
+// stores of accumulator tiles.
 #pragma once
 
-#include "common.cuh"
+#include "params.cuh"
 
 namespace cuflash {
-namespace bwd_tiles {
 
+// One (batch, head) of a BSHD tensor as a (seq, dim) view.
 struct Tensor {
-    const char* base;  // element (b, 0, h, 0) of the head being read
+    const char* base;  // element (b, 0, h, 0)
     i64 stride_s;      // elements between consecutive sequence positions
     i64 stride_d;      // elements between consecutive head-dim entries (1 on the vector path)
+
+    __device__ __forceinline__ static Tensor of(const void* data, const Strides& st, i64 b, i64 h, int elem_bytes) {
+        return Tensor{static_cast<const char*>(data) + (b * st.b + h * st.h) * elem_bytes, st.s, st.d};
+    }
 };
 
 // Shared-memory tile layouts for load_tile: Layout::offset(r, chunk) is the byte offset of the
@@ -24,66 +28,64 @@ struct PaddedRows {
 
 // Loads rows [row0, row0 + Rows) x cols [0, Dim) of a (seq, dim) view with ElemBytes-byte
 // elements into a shared-memory tile laid out by Layout; rows >= nrows and cols >= ncols become 0,
-// which keeps tails out of every product. Threads threads share the copy.
-// Vector path: 16-byte cp.async with zero-fill (rows 16-byte aligned, stride_d == 1). Otherwise
-// element loads with arbitrary strides, stored synchronously.
-template <int Rows, int Dim, int ElemBytes, int Threads, typename Layout>
-__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
+// which keeps tails out of every product. Threads threads share the copy: thread tid copies the
+// 16-byte chunk tid % RowChunks of rows tid / RowChunks + p * RowsPerPass, so its column is fixed
+// and each pass only advances one pointer by a fixed row step (threads past RowsPerPass * RowChunks
+// idle when a row's chunks do not divide the CTA).
+// Vec: 16-byte cp.async with zero-fill (rows 16-byte aligned, stride_d == 1); otherwise element
+// loads with arbitrary strides, stored synchronously (the fallback for strided views), unrolled
+// ElemUnroll passes at a time: unrolled further, their loads and 64-bit addresses are all live at
+// once and cost registers the accumulators need.
+template <int Rows, int Dim, int ElemBytes, int Threads, typename Layout, bool Vec, int ElemUnroll = 1>
+__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, int tid) {
     constexpr int kChunkElems = 16 / ElemBytes;
     constexpr int kRowChunks = Dim / kChunkElems;
-    constexpr int kChunks = Rows * kRowChunks;
-    if constexpr (Threads % kRowChunks == 0 && kChunks % Threads == 0) {
-        // Each thread copies the same 16-byte column chunk of rows r, r + kRowStep, ...: one address
-        // computation per tile instead of one per chunk (this runs once per streamed tile).
-        constexpr int kRowStep = Threads / kRowChunks;
-        if (vec) {
-            const int r = tid / kRowChunks, chunk = tid % kRowChunks, col0 = chunk * kChunkElems;
-            int valid = ncols - col0;
-            valid = valid < 0 ? 0 : (valid > kChunkElems ? kChunkElems : valid);
-            const char* src = t.base + (static_cast<i64>(row0 + r) * t.stride_s + col0) * ElemBytes;
-            const i64 step = static_cast<i64>(kRowStep) * t.stride_s * ElemBytes;
+    constexpr int kRowsPerPass = Threads / kRowChunks;
+    constexpr int kPasses = (Rows + kRowsPerPass - 1) / kRowsPerPass;
+    static_assert(kRowsPerPass >= 1, "a CTA needs at least one thread per 16-byte chunk of a row");
+    const int r = tid / kRowChunks, chunk = tid % kRowChunks;
+    const int col0 = chunk * kChunkElems;
+    if (r >= kRowsPerPass) return;
+    int cols = ncols - col0;
+    cols = cols < 0 ? 0 : (cols > kChunkElems ? kChunkElems : cols);
+    const i64 step = kRowsPerPass * t.stride_s * ElemBytes;
+    const char* src = t.base + (static_cast<i64>(row0 + r) * t.stride_s + (Vec ? col0 : col0 * t.stride_d)) * ElemBytes;
+#pragma unroll(Vec ? kPasses : ElemUnroll)
+    for (int p = 0; p < kPasses; ++p) {
+        const int rr = r + p * kRowsPerPass;
+        if (kPasses * kRowsPerPass == Rows || rr < Rows) {
+            const u32 dst = smem + Layout::offset(rr, chunk);
+            const int valid = row0 + rr < nrows ? cols : 0;
+            if constexpr (Vec) {
+                cp_async_16(dst, valid > 0 ? src : t.base, valid * ElemBytes);
+            } else {
+                u32 w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-            for (int j = 0; j < Rows / kRowStep; ++j) {
-                const bool in = row0 + r + j * kRowStep < nrows && valid > 0;
-                cp_async_16(smem + Layout::offset(r + j * kRowStep, chunk), in ? src + j * step : t.base,
-                            in ? valid * ElemBytes : 0);
-            }
-            return;
-        }
-    }
-    // Not unrolled: hoisting the element loads of every chunk costs registers the accumulators need
-    // (the element path is the fallback for strided views).
-#pragma unroll 1
-    for (int c0 = 0; c0 < kChunks; c0 += Threads) {
-        const int c = c0 + tid;
-        if (kChunks % Threads != 0 && c >= kChunks) break;
-        const int r = c / kRowChunks;
-        const int col0 = (c % kRowChunks) * kChunkElems;
-        const int row = row0 + r;
-        const u32 dst = smem + Layout::offset(r, c % kRowChunks);
-        int valid = ncols - col0;
-        valid = valid < 0 ? 0 : (valid > kChunkElems ? kChunkElems : valid);
-        if (row >= nrows) valid = 0;
-        if (vec) {
-            const char* src = t.base + (static_cast<i64>(row) * t.stride_s + col0) * ElemBytes;
-            cp_async_16(dst, valid > 0 ? src : t.base, valid * ElemBytes);
-        } else {
-            u32 w[4] = {0u, 0u, 0u, 0u};
-            const char* p = t.base + (static_cast<i64>(row) * t.stride_s + col0 * t.stride_d) * ElemBytes;
-#pragma unroll
-            for (int e = 0; e < kChunkElems; ++e) {
-                if (e < valid) {
-                    if constexpr (ElemBytes == 4) {
-                        w[e] = *reinterpret_cast<const u32*>(p + e * t.stride_d * ElemBytes);
-                    } else {
-                        const u32 h = *reinterpret_cast<const u16*>(p + e * t.stride_d * ElemBytes);
-                        w[e / 2] |= h << (16 * (e % 2));
+                for (int e = 0; e < kChunkElems; ++e) {
+                    if (e < valid) {
+                        if constexpr (ElemBytes == 4) {
+                            w[e] = *reinterpret_cast<const u32*>(src + e * t.stride_d * ElemBytes);
+                        } else {
+                            const u32 h = *reinterpret_cast<const u16*>(src + e * t.stride_d * ElemBytes);
+                            w[e / 2] |= h << (16 * (e % 2));
+                        }
                     }
                 }
+                sts_128(dst, w[0], w[1], w[2], w[3]);
             }
-            sts_128(dst, w[0], w[1], w[2], w[3]);
         }
+        src += step;
+        // Keeps the compiler from precomputing every pass's address up front (registers held
+        // across the whole main loop); one add per pass is cheaper than those registers.
+        asm volatile("" : "+l"(src));
     }
+}
+
+// The same with the path chosen at run time (kernels whose layouts are checked per call).
+template <int Rows, int Dim, int ElemBytes, int Threads, typename Layout>
+__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
+    if (vec) load_tile<Rows, Dim, ElemBytes, Threads, Layout, true>(smem, t, row0, nrows, ncols, tid);
+    else load_tile<Rows, Dim, ElemBytes, Threads, Layout, false>(smem, t, row0, nrows, ncols, tid);
 }
 
 // L2 and D of one query tile of Rows rows: both buffers are padded to a multiple of 128 rows, so the
@@ -121,51 +123,6 @@ __device__ __forceinline__ void add_dq_block(float* rows, const float (&c0)[4], 
         atomicAdd(rows + static_cast<i64>(g + ((e >> 1) & 1) * 8) * RowElems + (e >> 2) * 8 + 2 * t + (e & 1),
                   (e >> 2) ? c1[e & 3] : c0[e & 3]);
 #endif
-}
-
-// The work of one dK/dV CTA. Grid: blockIdx.x = ((b * Hkv + h_kv) * splits + split) * n_tiles + key
-// tile, so B*H is not bound by gridDim.y/z limits and the CTAs of one head (sharing its Q and dO in
-// L2) run together. The CTA owns keys [key0, key0 + BlockN) of key/value head h_kv and streams the
-// query tiles m in [m_begin, m_end) (BlockM queries each; when causal, from the first tile whose
-// diagonal reaches key0) of the query heads h in [h_begin, h_end) of its share of the GQA group:
-// n_iter steps (h, m), tiles fastest.
-struct KvStep {
-    int h, m;
-};
-
-struct KvWork {
-    i64 b;
-    int split, h_kv, key0, h_begin, h_end, m_begin, m_end, n_iter;
-
-    __device__ __forceinline__ KvStep first() const { return KvStep{h_begin, m_begin}; }
-    __device__ __forceinline__ KvStep next(KvStep x) const {
-        return x.m + 1 < m_end ? KvStep{x.h, x.m + 1} : KvStep{x.h + 1, m_begin};
-    }
-};
-
-template <int BlockN, int BlockM>
-__device__ __forceinline__ KvWork kv_work(int n_tiles, int splits, int heads_kv, int group, int heads_per_split,
-                                          int causal, i64 causal_offset, int seqlen_q) {
-    KvWork w;
-    const int tile = static_cast<int>(blockIdx.x % n_tiles);
-    i64 rest = blockIdx.x / n_tiles;
-    w.split = static_cast<int>(rest % splits);
-    rest /= splits;
-    w.h_kv = static_cast<int>(rest % heads_kv);
-    w.b = rest / heads_kv;
-    w.key0 = tile * BlockN;
-    w.h_begin = w.h_kv * group + w.split * heads_per_split;
-    const int h_stop = w.h_kv * group + group;
-    w.h_end = w.h_begin + heads_per_split < h_stop ? w.h_begin + heads_per_split : h_stop;
-    w.m_begin = 0;
-    if (causal) {
-        const i64 first_query = static_cast<i64>(w.key0) - causal_offset;
-        w.m_begin = first_query <= 0 ? 0 : (first_query >= seqlen_q ? seqlen_q : static_cast<int>(first_query)) / BlockM;
-    }
-    w.m_end = (seqlen_q + BlockM - 1) / BlockM;
-    const int per_head = w.m_end > w.m_begin ? w.m_end - w.m_begin : 0;
-    w.n_iter = per_head * (w.h_end > w.h_begin ? w.h_end - w.h_begin : 0);
-    return w;
 }
 
 template <typename Elem> constexpr bool kIsFloat = false;
@@ -214,5 +171,4 @@ __device__ __forceinline__ float2 lds_f32x2(u32 addr) {
     return v;
 }
 
-}  // namespace bwd_tiles
 }  // namespace cuflash

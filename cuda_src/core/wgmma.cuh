@@ -14,7 +14,7 @@
 // descriptor differs.
 #pragma once
 
-#include "common.cuh"
+#include "ptx.cuh"
 
 namespace cuflash {
 namespace wg {

@@ -1,4 +1,4 @@
-// The small memory-bound kernels around the backward's main kernels (flash_bwd.cu):
+// The small memory-bound kernels around the backward's main kernels:
 //   flash_bwd_preprocess  D_i = rowsum(dO_i o O_i) and L2_i = LSE_i * log2 e per query row, float32,
 //                         (B, Hq, Sq_pad) contiguous; rows i >= Sq (padding) get D = 0, L2 = +inf,
 //                         and so do rows with LSE = -inf (no visible key): exp2(s - L2) is then 0,
@@ -7,41 +7,13 @@
 //                         layout: the dQ workspace of the atomic path (padded rows and columns are
 //                         skipped), and the GQA partial sums of dK/dV (added in split order, so the
 //                         result is deterministic).
-// DTYPE: 1 float16, 2 bfloat16, 3 float32 (the dtype of out, dO and the converted output).
-#include "common.cuh"
-
-#if !defined(DTYPE)
-#error "flash_bwd_aux.cu needs DTYPE defined"
-#endif
+// DTYPE (core/elem.cuh) is the dtype of out, dO and the converted output.
+#include "../core/elem.cuh"
+#include "../core/params.cuh"
 
 namespace cuflash {
 namespace bwd_aux {
 
-#if DTYPE == 1
-using Elem = Half;
-#elif DTYPE == 2
-using Elem = BFloat16;
-#elif DTYPE != 3
-#error "DTYPE must be 1 (float16), 2 (bfloat16) or 3 (float32)"
-#endif
-
-__device__ __forceinline__ float load_elem(const char* p) {
-#if DTYPE == 3
-    return *reinterpret_cast<const float*>(p);
-#else
-    return to_float<Elem>(*reinterpret_cast<const u16*>(p));
-#endif
-}
-
-__device__ __forceinline__ void store_elem(char* p, float x) {
-#if DTYPE == 3
-    *reinterpret_cast<float*>(p) = x;
-#else
-    *reinterpret_cast<u16*>(p) = from_float<Elem>(x);
-#endif
-}
-
-constexpr int kElemBytes = DTYPE == 3 ? 4 : 2;
 constexpr float kLog2e = 1.4426950408889634f;
 
 }  // namespace bwd_aux
@@ -50,33 +22,30 @@ constexpr float kLog2e = 1.4426950408889634f;
 using namespace cuflash;
 using namespace cuflash::bwd_aux;
 
-// One warp per query row (b, h, i) of the padded range; blockDim.x = 256. Strides in elements.
-extern "C" __global__ void __launch_bounds__(256)
-flash_bwd_preprocess(const void* __restrict__ out, const void* __restrict__ dout, const float* __restrict__ lse,
-                     float* __restrict__ l2, float* __restrict__ dsum, i64 o_sb, i64 o_ss, i64 o_sh, i64 o_sd,
-                     i64 do_sb, i64 do_ss, i64 do_sh, i64 do_sd, i64 lse_sb, i64 lse_sh, i64 lse_ss, int heads_q,
-                     int seqlen_q, int seqlen_q_pad, int head_dim_v, i64 rows) {
+// One warp per query row (b, h, i) of the padded range B * Hq * Sq_pad; blockDim.x = 256.
+extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __grid_constant__ BwdParams p) {
+    const FwdParams& f = p.fwd;
     const int lane = threadIdx.x & 31;
     const i64 row = static_cast<i64>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    const i64 bh = row / seqlen_q_pad;
-    const int i = static_cast<int>(row - bh * seqlen_q_pad);
-    const i64 b = bh / heads_q;
-    const int h = static_cast<int>(bh - b * heads_q);
+    if (row >= static_cast<i64>(f.batch) * f.heads_q * p.seqlen_q_pad) return;
+    const i64 bh = row / p.seqlen_q_pad;
+    const int i = static_cast<int>(row - bh * p.seqlen_q_pad);
+    const i64 b = bh / f.heads_q;
+    const int h = static_cast<int>(bh - b * f.heads_q);
     float sum = 0.f, l2_row = __int_as_float(0x7f800000);  // +inf
-    if (i < seqlen_q) {
-        const char* o = static_cast<const char*>(out) + (b * o_sb + h * o_sh + static_cast<i64>(i) * o_ss) * kElemBytes;
-        const char* d = static_cast<const char*>(dout) + (b * do_sb + h * do_sh + static_cast<i64>(i) * do_ss) * kElemBytes;
-        for (int c = lane; c < head_dim_v; c += 32)
-            sum += load_elem(o + c * o_sd * kElemBytes) * load_elem(d + c * do_sd * kElemBytes);
-        const float lse_row = lse[b * lse_sb + h * lse_sh + static_cast<i64>(i) * lse_ss];
+    if (i < f.seqlen_q) {
+        const char* o = static_cast<const char*>(f.out) + (b * f.o_st.b + h * f.o_st.h + i * f.o_st.s) * kElemBytes;
+        const char* d = static_cast<const char*>(p.dout) + (b * p.do_st.b + h * p.do_st.h + i * p.do_st.s) * kElemBytes;
+        for (int c = lane; c < f.head_dim_v; c += 32)
+            sum += load_elem(o + c * f.o_st.d * kElemBytes) * load_elem(d + c * p.do_st.d * kElemBytes);
+        const float lse_row = f.lse[b * f.lse_sb + h * f.lse_sh + i * f.lse_ss];
         if (lse_row != neg_inf()) l2_row = lse_row * kLog2e;
     }
 #pragma unroll
     for (int m = 16; m >= 1; m >>= 1) sum += shfl_xor(sum, m);
     if (lane == 0) {
-        l2[row] = l2_row;
-        dsum[row] = i < seqlen_q ? sum : 0.f;
+        p.l2[row] = l2_row;
+        p.dsum[row] = i < f.seqlen_q ? sum : 0.f;
     }
 }
 

@@ -17,36 +17,36 @@
 //            workspace with vector reductions (run-to-run bit differences, as addition reorders).
 // Without DQ_ATOMIC the deterministic dQ kernel (flash_bwd.cu, ROLE 1) computes dQ.
 //
-// Configuration (#define lines from cuflash/_cuda/backward.py, one table there):
+// Configuration (#define lines from the variant table, cuflash/_cuda/variants.py):
 //   HEAD_DIM  bucket of max(D, Dv), a multiple of 32; smaller D/Dv are zero-padded on load
 //   BLOCK_N   keys per CTA     BLOCK_M  queries per streamed tile     NUM_WARPS  warps per CTA
 //   STAGES    streamed tiles resident (2: double buffering)
 //   WARPS_N_SDP, WARPS_N_DKV, WARPS_M_DQ  the warp grids above        MIN_BLOCKS  __launch_bounds__
 //   KK_UNROLL, DQ_UNROLL  unroll of the k16 loops of S/dP and of dQ (registers against latency hiding)
 //   DQ_ATOMIC 1: also accumulate dQ                                   DTYPE  1 float16, 2 bfloat16
+//   SCORE_MODS  score modifiers (attn/score_mod.cuh)
 //   SMEM_BYTES  the launcher's dynamic shared memory, checked against the layout below
 //
-// Visibility: query i sees key j iff i < Sq, j < Sk and (!causal or j <= i + causal_offset). The
-// preprocess kernel (flash_bwd_aux.cu) hands over L2_i = LSE_i * log2 e, +inf for rows that see no
-// key and for the padding rows up to a multiple of 128, so exp2(s - L2_i) = 0 there, never NaN.
-#include "bwd_tiles.cuh"
+// Masking: attn/mask.cuh. The preprocess kernel (bwd_aux.cu) hands over L2_i = LSE_i * log2 e,
+// +inf for rows that see no key and for the padding rows up to a multiple of 128, so
+// exp2(logit - L2_i) = 0 there, never NaN.
+#include "../attn/mask.cuh"
+#include "../attn/schedule.cuh"
+#include "../attn/score_mod.cuh"
+#include "../attn/softmax.cuh"
+#include "../core/elem.cuh"
+#include "../core/tile_io.cuh"
 
 #if !defined(HEAD_DIM) || !defined(BLOCK_N) || !defined(BLOCK_M) || !defined(NUM_WARPS) || !defined(WARPS_N_SDP) || \
     !defined(WARPS_N_DKV) || !defined(WARPS_M_DQ) || !defined(STAGES) || !defined(MIN_BLOCKS) ||                    \
-    !defined(KK_UNROLL) || !defined(DQ_UNROLL) || !defined(DQ_ATOMIC) || !defined(SMEM_BYTES) || !defined(DTYPE)
-#error "flash_bwd_dkdv.cu needs HEAD_DIM, BLOCK_N, BLOCK_M, NUM_WARPS, WARPS_N_SDP, WARPS_N_DKV, WARPS_M_DQ, STAGES, MIN_BLOCKS, KK_UNROLL, DQ_UNROLL, DQ_ATOMIC, SMEM_BYTES, DTYPE"
+    !defined(KK_UNROLL) || !defined(DQ_UNROLL) || !defined(DQ_ATOMIC) || !defined(SMEM_BYTES)
+#error "bwd_dkdv_sm80.cu needs HEAD_DIM, BLOCK_N, BLOCK_M, NUM_WARPS, WARPS_N_SDP, WARPS_N_DKV, WARPS_M_DQ, STAGES, MIN_BLOCKS, KK_UNROLL, DQ_UNROLL, DQ_ATOMIC, SMEM_BYTES"
 #endif
 
 namespace cuflash {
 namespace bwd_kv {
 
-#if DTYPE == 1
-using Elem = Half;
-#elif DTYPE == 2
-using Elem = BFloat16;
-#else
-#error "flash_bwd_dkdv.cu is the 16-bit kernel: DTYPE must be 1 (float16) or 2 (bfloat16)"
-#endif
+static_assert(!kIsF32, "bwd_dkdv_sm80.cu is the 16-bit kernel: DTYPE must be 1 (float16) or 2 (bfloat16)");
 
 constexpr int kHeadDim = HEAD_DIM;
 constexpr int kN = BLOCK_N;
@@ -102,17 +102,13 @@ static_assert(kDqRows % 16 == 0 && kDqCols % 16 == 0 && kDqRows * WARPS_M_DQ == 
 static_assert(kStages == 1 || kStages == 2, "STAGES: 1 (single buffer, for small shared memory) or 2");
 static_assert(128 % kN == 0 && 128 % kM == 0, "tile sizes must divide the 128-row padding of L2 and D");
 static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA can have");
-static_assert(kSmemBytes == SMEM_BYTES, "the launcher's shared memory (SMEM_BYTES, from backward.py) must match this layout");
+static_assert(kSmemBytes == SMEM_BYTES, "the launcher's shared memory (SMEM_BYTES, from variants.py) must match this layout");
 static_assert((kRowBytes / 4) % 8 == 4 && (kPRowBytes / 4) % 8 == 4,
               "row strides must keep the 8 rows of an ldmatrix on distinct bank groups");
 
-using bwd_tiles::add_dq_block;
-using bwd_tiles::lds_f32x2;
-using bwd_tiles::Tensor;
-
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
-    bwd_tiles::load_tile<ROWS, kHeadDim, 2, kThreads, bwd_tiles::PaddedRows<kRowBytes>>(smem, t, row0, nrows, ncols, vec, tid);
+    cuflash::load_tile<ROWS, kHeadDim, 2, kThreads, PaddedRows<kRowBytes>>(smem, t, row0, nrows, ncols, vec, tid);
 }
 
 template <int MT, int NT>
@@ -201,18 +197,13 @@ __device__ __forceinline__ void dq_pass(float* rows, u32 sDS_w, u32 sK_c, int co
 using namespace cuflash;
 using namespace cuflash::bwd_kv;
 
-// Grid and work of a CTA: bwd_tiles::kv_work. With f32_out its partial sums of dK (already scaled) and dV go to a float32 workspace indexed by
-// split, summed later in a fixed order; otherwise straight to dk and dv. Strides are in elements.
-extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
-flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
-               const void* __restrict__ dout, const float* __restrict__ l2, const float* __restrict__ dsum,
-               float* __restrict__ dq_accum, void* __restrict__ dk, void* __restrict__ dv, i64 q_sb, i64 q_ss,
-               i64 q_sh, i64 q_sd, i64 k_sb, i64 k_ss, i64 k_sh, i64 k_sd, i64 v_sb, i64 v_ss, i64 v_sh, i64 v_sd,
-               i64 do_sb, i64 do_ss, i64 do_sh, i64 do_sd, i64 dk_split, i64 dk_sb, i64 dk_ss, i64 dk_sh, i64 dk_sd,
-               i64 dv_split, i64 dv_sb, i64 dv_ss, i64 dv_sh, i64 dv_sd, int heads_q, int heads_kv, int group,
-               int heads_per_split, int splits, int seqlen_q, int seqlen_q_pad, int seqlen_k, int head_dim,
-               int head_dim_v, int causal, i64 causal_offset, float scale_log2, float scale, int n_tiles, int vec_in,
-               int f32_out) {
+// Grid and work of a CTA: attn/schedule.cuh's kv_work. With p.f32_out its partial sums of dK
+// (already scaled) and dV go to a float32 workspace indexed by split, summed later in a fixed order;
+// otherwise straight to dk and dv.
+extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkdv(const __grid_constant__ BwdParams p) {
+    const FwdParams& f = p.fwd;
+    const int heads_q = f.heads_q, seqlen_q = f.seqlen_q, seqlen_k = f.seqlen_k;
+    const int head_dim = f.head_dim, head_dim_v = f.head_dim_v, seqlen_q_pad = p.seqlen_q_pad;
     extern __shared__ __align__(128) char smem[];
     const u32 s_base = smem_addr(smem);
     const u32 sK = s_base, sV = s_base + kOffV, sP = s_base + kOffP, sDS = s_base + kOffDS;
@@ -226,31 +217,29 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     const int n_kv = (warp % WARPS_N_DKV) * kKvRows, d_kv = (warp / WARPS_N_DKV) * kKvCols;
     const int m_dq = (warp % WARPS_M_DQ) * kDqRows, d_dq = (warp / WARPS_M_DQ) * kDqCols;
 
-    const bwd_tiles::KvWork work = bwd_tiles::kv_work<kN, kM>(n_tiles, splits, heads_kv, group, heads_per_split,
-                                                               causal, causal_offset, seqlen_q);
+    const Mask mask = Mask::of(f);
+    const KvWork work = kv_work<kN, kM>(p, mask);
     const i64 b = work.b;
     const int h_kv = work.h_kv, key0 = work.key0;
-    const bool key_tail = key0 + kN > seqlen_k;
 
-    const bool vec = vec_in != 0;
-    const Tensor tk{static_cast<const char*>(k) + (b * k_sb + h_kv * k_sh) * 2, k_ss, k_sd};
-    const Tensor tv{static_cast<const char*>(v) + (b * v_sb + h_kv * v_sh) * 2, v_ss, v_sd};
+    const bool vec = p.vec_in != 0;
+    const Tensor tk = Tensor::of(f.k, f.k_st, b, h_kv, 2);
+    const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, 2);
 
-    auto load_stream = [&](bwd_tiles::KvStep x, int stage) {
-        const int h = x.h;
+    auto load_stream = [&](KvStep x, int stage) {
         const int i0 = x.m * kM;
-        const Tensor tq{static_cast<const char*>(q) + (b * q_sb + static_cast<i64>(h) * q_sh) * 2, q_ss, q_sd};
-        const Tensor tdo{static_cast<const char*>(dout) + (b * do_sb + static_cast<i64>(h) * do_sh) * 2, do_ss, do_sd};
+        const Tensor tq = Tensor::of(f.q, f.q_st, b, x.h, 2);
+        const Tensor tdo = Tensor::of(p.dout, p.do_st, b, x.h, 2);
         load_tile<kM>(s_base + kOffQ + stage * kQueryTileBytes, tq, i0, seqlen_q, head_dim, vec, tid);
         load_tile<kM>(s_base + kOffDO + stage * kQueryTileBytes, tdo, i0, seqlen_q, head_dim_v, vec, tid);
-        const i64 vec_off = (b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0;
-        bwd_tiles::load_vec<kM, kThreads>(s_base + kOffL2 + stage * kVecBytes, l2 + vec_off, tid);
-        bwd_tiles::load_vec<kM, kThreads>(s_base + kOffD + stage * kVecBytes, dsum + vec_off, tid);
+        const i64 vec_off = (b * heads_q + x.h) * static_cast<i64>(seqlen_q_pad) + i0;
+        load_vec<kM, kThreads>(s_base + kOffL2 + stage * kVecBytes, p.l2 + vec_off, tid);
+        load_vec<kM, kThreads>(s_base + kOffD + stage * kVecBytes, p.dsum + vec_off, tid);
     };
 
     load_tile<kN>(sK, tk, key0, seqlen_k, head_dim, vec, tid);
     load_tile<kN>(sV, tv, key0, seqlen_k, head_dim_v, vec, tid);
-    bwd_tiles::KvStep cur = work.first();
+    KvStep cur = work.first();
     if (work.n_iter > 0) load_stream(cur, 0);
     cp_async_commit();
 
@@ -265,7 +254,7 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         // Tile `it` has landed for every thread; every warp is done with tile it-1 (its stage is
         // refilled below when double buffered) and with P^T, dS^T of it-1 (overwritten in phase 1).
         __syncthreads();
-        const bwd_tiles::KvStep next = work.next(cur);
+        const KvStep next = work.next(cur);
         if (kStages == 2 && it + 1 < work.n_iter) load_stream(next, stage ^ 1);
         cp_async_commit();
 
@@ -277,56 +266,44 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         const u32 sL2 = s_base + kOffL2 + stage * kVecBytes;
         const u32 sD = s_base + kOffD + stage * kVecBytes;
 
-        // Phase 1. P^T = exp2(S^T * scale_log2 - L2) with S^T = K_j Q_i^T, for this warp's keys
-        // n_sdp.. and queries m_sdp.. of the tile.
+        // Phase 1. P^T = exp2(logit^T - L2) with S^T = K_j Q_i^T, for this warp's keys n_sdp.. and
+        // queries m_sdp.. of the tile.
         {
+            const ScoreMod mod = ScoreMod::of(f, b, h);
             float s[kSdpMT][kSdpNT][4];
             zero(s);
             warp_mma<kSdpMT, kSdpNT, kHeadDim / 16, kKKUnroll, true, true>(s, sK + n_sdp * kRowBytes, kRowBytes,
                                                                           sQ + m_sdp * kRowBytes, kRowBytes, lane);
-            // Tiles needing no mask: K_j inside Sk and, when causal, every key of the warp tile
-            // visible to the tile's first query.
-            const bool mask = key_tail || (causal && static_cast<i64>(key0) + n_sdp + kSdpRows - 1 >
-                                                         static_cast<i64>(i0) + m_sdp + causal_offset);
+            // Warp tiles wholly inside the mask's band need no mask (nor do those past Sq, where
+            // L2 = +inf makes P = 0).
+            const int q0 = i0 + m_sdp, q1 = q0 + kSdpCols < seqlen_q ? q0 + kSdpCols : seqlen_q;
+            const int k0 = key0 + n_sdp;
+            const bool masked = q1 > q0 && !mask.full(q0, q1, k0, k0 + kSdpRows);
             // L2 (and below D) of this lane's query columns m_sdp + nt * 8 + 2t, +1.
             const u32 col_lane = (m_sdp + 2 * t) * 4;
             float2 l2c[kSdpNT];
 #pragma unroll
             for (int nt = 0; nt < kSdpNT; ++nt) l2c[nt] = lds_f32x2(sL2 + col_lane + nt * 32);
-            if (mask) {
 #pragma unroll
-                for (int mt = 0; mt < kSdpMT; ++mt)
+            for (int mt = 0; mt < kSdpMT; ++mt)
 #pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        // Key k is seen by the tile's queries with local index >= k - causal_offset - i0.
-                        const int key = key0 + n_sdp + mt * 16 + g + half * 8;
-                        int bound = -1;
-                        if (key >= seqlen_k) {
-                            bound = kM;
-                        } else if (causal) {
-                            const i64 x = static_cast<i64>(key) - causal_offset - i0;
-                            bound = x > kM ? kM : (x < -1 ? -1 : static_cast<int>(x));
-                        }
-#pragma unroll
-                        for (int nt = 0; nt < kSdpNT; ++nt)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                float& x = s[mt][nt][half * 2 + e];
-                                const float p = exp2_approx(fmaf(x, scale_log2, -(e ? l2c[nt].y : l2c[nt].x)));
-                                x = m_sdp + nt * 8 + 2 * t + e < bound ? 0.f : p;
-                            }
-                    }
-            } else {
-#pragma unroll
-                for (int mt = 0; mt < kSdpMT; ++mt)
+                for (int half = 0; half < 2; ++half) {
+                    // Key k of this row is seen by the warp tile's queries lo..hi (columns).
+                    const i64 key = k0 + mt * 16 + g + half * 8;
+                    int lo = 0, hi = kSdpCols;
+                    if (masked) mask.queries_of_key(key, q0, kSdpCols, lo, hi);
+                    const float dist0 = kAlibi ? static_cast<float>(q0 + f.mask_offset - key) : 0.f;
 #pragma unroll
                     for (int nt = 0; nt < kSdpNT; ++nt)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            float& x = s[mt][nt][e];
-                            x = exp2_approx(fmaf(x, scale_log2, -((e & 1) ? l2c[nt].y : l2c[nt].x)));
+                        for (int e = 0; e < 2; ++e) {
+                            const int col = nt * 8 + 2 * t + e;
+                            float& x = s[mt][nt][half * 2 + e];
+                            const float pe = p_from_lse(mod.logit2(x, dist0 + static_cast<float>(col)),
+                                                        e ? l2c[nt].y : l2c[nt].x);
+                            x = col < lo || col > hi ? 0.f : pe;
                         }
-            }
+                }
             store_tile16(s, sP + n_sdp * kPRowBytes + m_sdp * 2, kPRowBytes, lane);
 
             // dS^T = P^T o (dP^T - D) with dP^T = V_j dO_i^T, from the float32 P.
@@ -340,7 +317,14 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
 #pragma unroll
                 for (int mt = 0; mt < kSdpMT; ++mt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) dp[mt][nt][e] = s[mt][nt][e] * (dp[mt][nt][e] - ((e & 1) ? dc.y : dc.x));
+                    for (int e = 0; e < 4; ++e) {
+                        const int col = nt * 8 + 2 * t + (e & 1);
+                        const i64 key = k0 + mt * 16 + g + (e >> 1) * 8;
+                        const float dist = kAlibi ? static_cast<float>(q0 + col + f.mask_offset - key) : 0.f;
+                        const float pe = s[mt][nt][e];
+                        dp[mt][nt][e] = pe * (dp[mt][nt][e] - ((e & 1) ? dc.y : dc.x)) *
+                                        mod.dlogit(pe, (e & 1) ? l2c[nt].y : l2c[nt].x, dist);
+                    }
             }
             store_tile16(dp, sDS + n_sdp * kPRowBytes + m_sdp * 2, kPRowBytes, lane);
         }
@@ -363,7 +347,7 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         auto product_dq = [&] {
             if constexpr (kDQAtomic) {
                 if (d_dq >= head_dim) return;
-                float* const dq_rows = dq_accum +
+                float* const dq_rows = p.dq_accum +
                                        ((b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0 + m_dq) * kHeadDim +
                                        d_dq;
 #pragma unroll
@@ -389,8 +373,9 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     cp_async_wait<0>();
 
     const int row0 = key0 + n_kv;
-    char* const dk_base = static_cast<char*>(dk) + (work.split * dk_split + b * dk_sb + h_kv * dk_sh) * (f32_out ? 4 : 2);
-    char* const dv_base = static_cast<char*>(dv) + (work.split * dv_split + b * dv_sb + h_kv * dv_sh) * (f32_out ? 4 : 2);
-    bwd_tiles::store_acc<Elem>(acc_dk, scale, dk_base, dk_ss, dk_sd, row0, seqlen_k, d_kv, head_dim, f32_out != 0, lane);
-    bwd_tiles::store_acc<Elem>(acc_dv, 1.f, dv_base, dv_ss, dv_sd, row0, seqlen_k, d_kv, head_dim_v, f32_out != 0, lane);
+    const int out_bytes = p.f32_out ? 4 : 2;
+    char* const dk_base = static_cast<char*>(p.dk) + (work.split * p.dk_split + b * p.dk_st.b + h_kv * p.dk_st.h) * out_bytes;
+    char* const dv_base = static_cast<char*>(p.dv) + (work.split * p.dv_split + b * p.dv_st.b + h_kv * p.dv_st.h) * out_bytes;
+    store_acc<Elem>(acc_dk, f.scale, dk_base, p.dk_st.s, p.dk_st.d, row0, seqlen_k, d_kv, head_dim, p.f32_out != 0, lane);
+    store_acc<Elem>(acc_dv, 1.f, dv_base, p.dv_st.s, p.dv_st.d, row0, seqlen_k, d_kv, head_dim_v, p.f32_out != 0, lane);
 }

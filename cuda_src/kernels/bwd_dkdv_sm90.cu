@@ -1,5 +1,5 @@
-// dK/dV kernel of the float16/bfloat16 backward on sm_90a, with warpgroup MMA (wgmma.cuh). Same
-// mathematics, work split and arguments as flash_bwd_dkdv.cu:
+// dK/dV kernel of the float16/bfloat16 backward on sm_90a, with warpgroup MMA (core/wgmma.cuh).
+// Same mathematics, work split and parameters as bwd_dkdv_sm80.cu:
 //   P_ij = exp2(S_ij * scale * log2 e - LSE_i * log2 e),   dP_ij = dO_i V_j^T,   dS_ij = P_ij o (dP_ij - D_i),
 //   dV_j += P_ij^T dO_i,   dK_j += scale * dS_ij^T Q_i,   and with DQ_ATOMIC  dQ_i += scale * dS_ij K_j.
 //
@@ -15,34 +15,34 @@
 // needed: the exponentials of P run while dP is computed, dS while dV is. With 128-query tiles dP
 // comes in two chunks of 64 queries, the second computed after the first one's dS.
 //
-// Configuration (#define lines from cuflash/_cuda/backward.py, one table there):
+// Configuration (#define lines from the variant table, cuflash/_cuda/variants.py):
 //   HEAD_DIM 64 or 128, bucket of max(D, Dv); smaller D/Dv are zero-padded on load
 //   BLOCK_M  queries per streamed tile (64 or 128)     WARPGROUPS  BLOCK_N / 64
 //   STAGES   2 (double buffering)                      MIN_BLOCKS  __launch_bounds__
 //   DQ_ATOMIC 1: also accumulate dQ                    DTYPE  1 float16, 2 bfloat16
+//   SCORE_MODS  score modifiers (attn/score_mod.cuh)
 //   SMEM_BYTES  the launcher's dynamic shared memory, checked against the layout below
 //
-// Visibility: query i sees key j iff i < Sq, j < Sk and (!causal or j <= i + causal_offset). The
-// preprocess kernel (flash_bwd_aux.cu) hands over L2_i = LSE_i * log2 e, +inf for rows that see no
-// key and for the padding rows up to a multiple of 128, so exp2(s - L2_i) = 0 there, never NaN.
-#include "bwd_tiles.cuh"
-#include "wgmma.cuh"
+// Masking: attn/mask.cuh. The preprocess kernel (bwd_aux.cu) hands over L2_i = LSE_i * log2 e,
+// +inf for rows that see no key and for the padding rows up to a multiple of 128, so
+// exp2(logit - L2_i) = 0 there, never NaN.
+#include "../attn/mask.cuh"
+#include "../attn/schedule.cuh"
+#include "../attn/score_mod.cuh"
+#include "../attn/softmax.cuh"
+#include "../core/elem.cuh"
+#include "../core/tile_io.cuh"
+#include "../core/wgmma.cuh"
 
 #if !defined(HEAD_DIM) || !defined(BLOCK_M) || !defined(WARPGROUPS) || !defined(STAGES) || !defined(MIN_BLOCKS) || \
-    !defined(DQ_ATOMIC) || !defined(SMEM_BYTES) || !defined(DTYPE)
-#error "flash_bwd_dkdv_sm90.cu needs HEAD_DIM, BLOCK_M, WARPGROUPS, STAGES, MIN_BLOCKS, DQ_ATOMIC, SMEM_BYTES, DTYPE"
+    !defined(DQ_ATOMIC) || !defined(SMEM_BYTES)
+#error "bwd_dkdv_sm90.cu needs HEAD_DIM, BLOCK_M, WARPGROUPS, STAGES, MIN_BLOCKS, DQ_ATOMIC, SMEM_BYTES"
 #endif
 
 namespace cuflash {
 namespace bwd_wg {
 
-#if DTYPE == 1
-using Elem = Half;
-#elif DTYPE == 2
-using Elem = BFloat16;
-#else
-#error "flash_bwd_dkdv_sm90.cu is a 16-bit kernel: DTYPE must be 1 (float16) or 2 (bfloat16)"
-#endif
+static_assert(!kIsF32, "bwd_dkdv_sm90.cu is a 16-bit kernel: DTYPE must be 1 (float16) or 2 (bfloat16)");
 
 constexpr int kHeadDim = HEAD_DIM;
 constexpr int kM = BLOCK_M;
@@ -85,14 +85,11 @@ static_assert(kDqBlocks <= kGroups && kDqCols % 64 == 0 && kDqCols <= 128 && kDq
 static_assert(kStages == 2, "STAGES: the streamed tiles are double buffered");
 static_assert(128 % kM == 0, "BLOCK_M must divide the 128-row padding of L2 and D");
 static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA can have");
-static_assert(kSmemBytes == SMEM_BYTES, "the launcher's shared memory (SMEM_BYTES, from backward.py) must match this layout");
-
-using bwd_tiles::lds_f32x2;
-using bwd_tiles::Tensor;
+static_assert(kSmemBytes == SMEM_BYTES, "the launcher's shared memory (SMEM_BYTES, from variants.py) must match this layout");
 
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
-    bwd_tiles::load_tile<ROWS, kHeadDim, 2, kThreads, wg::Swizzle128<ROWS>>(smem, t, row0, nrows, ncols, vec, tid);
+    cuflash::load_tile<ROWS, kHeadDim, 2, kThreads, wg::Swizzle128<ROWS>>(smem, t, row0, nrows, ncols, vec, tid);
 }
 
 template <int NT>
@@ -117,7 +114,6 @@ __device__ __forceinline__ void pack(u32 (&a)[NT / 2][4], const float (&x)[NT][4
     for (int kk = 0; kk < NT / 2; ++kk) pack_step(a[kk], x[2 * kk], x[2 * kk + 1]);
 }
 
-// acc (64 keys x N) = A_w B^T over HEAD_DIM: rows row0.. of the key tile sA and the N query rows of sB.
 // acc (64 keys x N) = A_w B^T over HEAD_DIM: rows row0.. of the key tile sA, rows brow0.. of the
 // query tile sB.
 template <int N>
@@ -140,19 +136,13 @@ __device__ __forceinline__ void product_regs_by_queries(float (&acc)[kHeadDim / 
 using namespace cuflash;
 using namespace cuflash::bwd_wg;
 
-// Grid and work of a CTA: bwd_tiles::kv_work. With f32_out its partial sums of dK (already scaled)
-// and dV go to a float32 workspace indexed by split, summed later in a fixed order; otherwise
-// straight to dk and dv. Strides are in elements.
-extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
-flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
-               const void* __restrict__ dout, const float* __restrict__ l2, const float* __restrict__ dsum,
-               float* __restrict__ dq_accum, void* __restrict__ dk, void* __restrict__ dv, i64 q_sb, i64 q_ss,
-               i64 q_sh, i64 q_sd, i64 k_sb, i64 k_ss, i64 k_sh, i64 k_sd, i64 v_sb, i64 v_ss, i64 v_sh, i64 v_sd,
-               i64 do_sb, i64 do_ss, i64 do_sh, i64 do_sd, i64 dk_split, i64 dk_sb, i64 dk_ss, i64 dk_sh, i64 dk_sd,
-               i64 dv_split, i64 dv_sb, i64 dv_ss, i64 dv_sh, i64 dv_sd, int heads_q, int heads_kv, int group,
-               int heads_per_split, int splits, int seqlen_q, int seqlen_q_pad, int seqlen_k, int head_dim,
-               int head_dim_v, int causal, i64 causal_offset, float scale_log2, float scale, int n_tiles, int vec_in,
-               int f32_out) {
+// Grid and work of a CTA: attn/schedule.cuh's kv_work. With p.f32_out its partial sums of dK
+// (already scaled) and dV go to a float32 workspace indexed by split, summed later in a fixed order;
+// otherwise straight to dk and dv.
+extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkdv(const __grid_constant__ BwdParams p) {
+    const FwdParams& f = p.fwd;
+    const int heads_q = f.heads_q, seqlen_q = f.seqlen_q, seqlen_k = f.seqlen_k;
+    const int head_dim = f.head_dim, head_dim_v = f.head_dim_v, seqlen_q_pad = p.seqlen_q_pad;
     extern __shared__ __align__(128) char smem[];
     const u32 s_base = (smem_addr(smem) + 1023u) & ~1023u;
 
@@ -165,31 +155,29 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     const int n_w = n_wg + ((tid >> 5) & 3) * 16;
     const int m_dq = (group_id % kDqRowBlocks) * 64, d_dq = (group_id / kDqRowBlocks) * kDqCols;
 
-    const bwd_tiles::KvWork work = bwd_tiles::kv_work<kN, kM>(n_tiles, splits, heads_kv, group, heads_per_split,
-                                                               causal, causal_offset, seqlen_q);
+    const Mask mask = Mask::of(f);
+    const KvWork work = kv_work<kN, kM>(p, mask);
     const i64 b = work.b;
     const int h_kv = work.h_kv, key0 = work.key0;
-    const bool key_tail = key0 + kN > seqlen_k;
 
-    const bool vec = vec_in != 0;
-    const Tensor tk{static_cast<const char*>(k) + (b * k_sb + h_kv * k_sh) * 2, k_ss, k_sd};
-    const Tensor tv{static_cast<const char*>(v) + (b * v_sb + h_kv * v_sh) * 2, v_ss, v_sd};
+    const bool vec = p.vec_in != 0;
+    const Tensor tk = Tensor::of(f.k, f.k_st, b, h_kv, 2);
+    const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, 2);
 
-    auto load_stream = [&](bwd_tiles::KvStep x, int stage) {
-        const int h = x.h;
+    auto load_stream = [&](KvStep x, int stage) {
         const int i0 = x.m * kM;
-        const Tensor tq{static_cast<const char*>(q) + (b * q_sb + static_cast<i64>(h) * q_sh) * 2, q_ss, q_sd};
-        const Tensor tdo{static_cast<const char*>(dout) + (b * do_sb + static_cast<i64>(h) * do_sh) * 2, do_ss, do_sd};
+        const Tensor tq = Tensor::of(f.q, f.q_st, b, x.h, 2);
+        const Tensor tdo = Tensor::of(p.dout, p.do_st, b, x.h, 2);
         load_tile<kM>(s_base + kOffQ + stage * kQueryTileBytes, tq, i0, seqlen_q, head_dim, vec, tid);
         load_tile<kM>(s_base + kOffDO + stage * kQueryTileBytes, tdo, i0, seqlen_q, head_dim_v, vec, tid);
-        const i64 vec_off = (b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0;
-        bwd_tiles::load_vec<kM, kThreads>(s_base + kOffL2 + stage * kVecBytes, l2 + vec_off, tid);
-        bwd_tiles::load_vec<kM, kThreads>(s_base + kOffD + stage * kVecBytes, dsum + vec_off, tid);
+        const i64 vec_off = (b * heads_q + x.h) * static_cast<i64>(seqlen_q_pad) + i0;
+        load_vec<kM, kThreads>(s_base + kOffL2 + stage * kVecBytes, p.l2 + vec_off, tid);
+        load_vec<kM, kThreads>(s_base + kOffD + stage * kVecBytes, p.dsum + vec_off, tid);
     };
 
     load_tile<kN>(s_base, tk, key0, seqlen_k, head_dim, vec, tid);
     load_tile<kN>(s_base + kOffV, tv, key0, seqlen_k, head_dim_v, vec, tid);
-    bwd_tiles::KvStep cur = work.first();
+    KvStep cur = work.first();
     if (work.n_iter > 0) load_stream(cur, 0);
     cp_async_commit();
 
@@ -205,7 +193,7 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         // it-1 (whose stage is refilled below) and with the dS^T of it-1 (overwritten below).
         wg::fence_async_smem();
         __syncthreads();
-        const bwd_tiles::KvStep next = work.next(cur);
+        const KvStep next = work.next(cur);
         if (it + 1 < work.n_iter) load_stream(next, stage ^ 1);
         cp_async_commit();
 
@@ -230,32 +218,33 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
         wg::wait<1>();
         wg::pin(s);
 
-        // P^T = exp2(S^T * scale_log2 - L2) for keys n_w + g (+8) and this lane's query columns.
-        // Tiles needing no mask: K_j inside Sk and, when causal, all 16 keys of the warp visible to
-        // the tile's first query.
-        const bool mask = key_tail || (causal && static_cast<i64>(key0) + n_w + 15 > static_cast<i64>(i0) + causal_offset);
-        // L2 of this lane's query columns nt * 8 + 2t, +1 is read where it is used (holding all of
-        // it beside S, dP, dK and dV would spill at 128-query tiles).
-        if (mask) {
+        // P^T = exp2(logit^T - L2) for keys n_w + g (+8) and this lane's query columns. Warp tiles
+        // wholly inside the mask's band (or past Sq, where L2 = +inf) need no mask. L2 of this
+        // lane's query columns nt * 8 + 2t, +1 is read where it is used (holding all of it beside S,
+        // dP, dK and dV would spill at 128-query tiles).
+        const ScoreMod mod = ScoreMod::of(f, b, h);
+        const int i1 = i0 + kM < seqlen_q ? i0 + kM : seqlen_q;
+        const int k0 = key0 + n_w;
+        const bool masked = i1 > i0 && !mask.full(i0, i1, k0, k0 + 16);
+        float dist0[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+            dist0[half] = kAlibi ? static_cast<float>(i0 + f.mask_offset - (k0 + g + half * 8)) : 0.f;
+        if (masked) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                // Key k is seen by the tile's queries with local index >= k - causal_offset - i0.
-                const int key = key0 + n_w + g + half * 8;
-                int bound = -1;
-                if (key >= seqlen_k) {
-                    bound = kM;
-                } else if (causal) {
-                    const i64 x = static_cast<i64>(key) - causal_offset - i0;
-                    bound = x > kM ? kM : (x < -1 ? -1 : static_cast<int>(x));
-                }
+                // Key k of this row is seen by the tile's queries lo..hi.
+                int lo, hi;
+                mask.queries_of_key(k0 + g + half * 8, i0, kM, lo, hi);
 #pragma unroll
                 for (int nt = 0; nt < kM / 8; ++nt) {
                     const float2 l2c = lds_f32x2(sL2 + (nt * 8 + 2 * t) * 4);
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
+                        const int col = nt * 8 + 2 * t + e;
                         float& x = s[nt][half * 2 + e];
-                        const float p = exp2_approx(fmaf(x, scale_log2, -(e ? l2c.y : l2c.x)));
-                        x = nt * 8 + 2 * t + e < bound ? 0.f : p;
+                        const float pe = p_from_lse(mod.logit2(x, dist0[half] + static_cast<float>(col)), e ? l2c.y : l2c.x);
+                        x = col < lo || col > hi ? 0.f : pe;
                     }
                 }
             }
@@ -265,8 +254,9 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
                 const float2 l2c = lds_f32x2(sL2 + (nt * 8 + 2 * t) * 4);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
+                    const int col = nt * 8 + 2 * t + (e & 1);
                     float& x = s[nt][e];
-                    x = exp2_approx(fmaf(x, scale_log2, -((e & 1) ? l2c.y : l2c.x)));
+                    x = p_from_lse(mod.logit2(x, dist0[e >> 1] + static_cast<float>(col)), (e & 1) ? l2c.y : l2c.x);
                 }
             }
         }
@@ -293,8 +283,14 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
             for (int j = 0; j < kDpCols / 8; ++j) {
                 const int nt = c * (kDpCols / 8) + j;
                 const float2 dc = lds_f32x2(sD + (nt * 8 + 2 * t) * 4);
+                float2 l2c = {0.f, 0.f};
+                if constexpr (kSoftcap) l2c = lds_f32x2(sL2 + (nt * 8 + 2 * t) * 4);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) dp[j][e] = s[nt][e] * (dp[j][e] - ((e & 1) ? dc.y : dc.x));
+                for (int e = 0; e < 4; ++e) {
+                    const float dist = dist0[e >> 1] + static_cast<float>(nt * 8 + 2 * t + (e & 1));
+                    dp[j][e] = s[nt][e] * (dp[j][e] - ((e & 1) ? dc.y : dc.x)) *
+                               mod.dlogit(s[nt][e], (e & 1) ? l2c.y : l2c.x, dist);
+                }
             }
 #pragma unroll
             for (int kk = 0; kk < kDpCols / 16; ++kk)
@@ -334,13 +330,13 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
                 wg::pin(dq);
                 wg::pin(p16);
                 wg::pin(ds16);
-                float* const dq_rows = dq_accum +
+                float* const dq_rows = p.dq_accum +
                                        ((b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0 + m_dq +
                                         (n_w - n_wg)) * kHeadDim + d_dq;
 #pragma unroll
                 for (int np = 0; np < kDqCols / 16; ++np)
                     if (d_dq + np * 16 < head_dim)
-                        bwd_tiles::add_dq_block<kHeadDim>(dq_rows + np * 16, dq[2 * np], dq[2 * np + 1], lane);
+                        add_dq_block<kHeadDim>(dq_rows + np * 16, dq[2 * np], dq[2 * np + 1], lane);
             }
         }
         wg::wait<0>();
@@ -350,8 +346,9 @@ flash_bwd_dkdv(const void* __restrict__ q, const void* __restrict__ k, const voi
     cp_async_wait<0>();
 
     const int row0 = key0 + n_w;
-    char* const dk_base = static_cast<char*>(dk) + (work.split * dk_split + b * dk_sb + h_kv * dk_sh) * (f32_out ? 4 : 2);
-    char* const dv_base = static_cast<char*>(dv) + (work.split * dv_split + b * dv_sb + h_kv * dv_sh) * (f32_out ? 4 : 2);
-    bwd_tiles::store_acc<Elem>(acc_dk, scale, dk_base, dk_ss, dk_sd, row0, seqlen_k, 0, head_dim, f32_out != 0, lane);
-    bwd_tiles::store_acc<Elem>(acc_dv, 1.f, dv_base, dv_ss, dv_sd, row0, seqlen_k, 0, head_dim_v, f32_out != 0, lane);
+    const int out_bytes = p.f32_out ? 4 : 2;
+    char* const dk_base = static_cast<char*>(p.dk) + (work.split * p.dk_split + b * p.dk_st.b + h_kv * p.dk_st.h) * out_bytes;
+    char* const dv_base = static_cast<char*>(p.dv) + (work.split * p.dv_split + b * p.dv_st.b + h_kv * p.dv_st.h) * out_bytes;
+    store_acc<Elem>(acc_dk, f.scale, dk_base, p.dk_st.s, p.dk_st.d, row0, seqlen_k, 0, head_dim, p.f32_out != 0, lane);
+    store_acc<Elem>(acc_dv, 1.f, dv_base, p.dv_st.s, p.dv_st.d, row0, seqlen_k, 0, head_dim_v, p.f32_out != 0, lane);
 }

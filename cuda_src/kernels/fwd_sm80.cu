@@ -1,7 +1,8 @@
-// FlashAttention forward: O = softmax(scale * Q K^T) V and LSE, one CTA per Br x d tile Q_i of
-// one (batch, query head), streaming K_j, V_j through shared memory (FlashAttention-2 layout).
+// FlashAttention forward: O = softmax(logits) V and LSE, one CTA per Br x d tile Q_i of one
+// (batch, query head), streaming the K_j, V_j tiles it needs (attn/mask.cuh) through shared memory
+// (FlashAttention-2 layout, mma.sync; every architecture from sm_80 on).
 //
-// Configuration arrives as #define lines prepended by cuflash/_cuda/forward.py (one table there):
+// Configuration arrives as #define lines from the variant table (cuflash/_cuda/variants.py):
 //   HEAD_DIM    bucket of max(D, Dv), a multiple of 32; smaller D/Dv are zero-padded on load
 //   BLOCK_M     Br, rows of Q per CTA        BLOCK_N   Bc, keys per K_j/V_j tile
 //   NUM_WARPS   warps per CTA (each owns BLOCK_M / NUM_WARPS consecutive rows)
@@ -13,43 +14,34 @@
 //   DTYPE       1 float16, 2 bfloat16 (mma.m16n8k16), 3 float32 (3xTF32 mma.m16n8k8)
 //   SPLIT_Q     float32 only: 1 splits Q_i once into big/small planes in shared memory (twice the
 //               bytes of Q_i); 0 keeps Q_i as loaded and splits its fragments at every k8 step
+//   SCORE_MODS  score modifiers (attn/score_mod.cuh): bits 1 softcap, 2 ALiBi
+//   SMEM_BYTES  the launcher's dynamic shared memory, checked against the layout below
 //
-// Visibility: query i sees key j iff j < Sk and (!causal or j <= i + causal_offset). A row that sees
-// no key gets O = 0 and LSE = -inf. LSE is the natural log of sum_j exp(scale * q_i . k_j).
-#include "common.cuh"
+// Logits are log2(e) * mod(scale * q_i . k_j) on the keys the mask lets query i see. A row that sees
+// no key gets O = 0 and LSE = -inf; LSE is the natural log of sum_j exp(logit_ij).
+#include "../attn/mask.cuh"
+#include "../attn/schedule.cuh"
+#include "../attn/score_mod.cuh"
+#include "../attn/softmax.cuh"
+#include "../core/elem.cuh"
+#include "../core/tile_io.cuh"
 
 #if !defined(HEAD_DIM) || !defined(BLOCK_M) || !defined(BLOCK_N) || !defined(NUM_WARPS) || !defined(STAGES) || \
-    !defined(MIN_BLOCKS) || !defined(MAX_REGS) || !defined(DTYPE) || !defined(VEC_LOAD)
-#error "flash_fwd.cu needs HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, STAGES, MIN_BLOCKS, MAX_REGS, DTYPE and VEC_LOAD defined"
-#endif
-#if DTYPE == 3 && !defined(SPLIT_Q)
-#error "the float32 flash_fwd.cu needs SPLIT_Q defined"
+    !defined(MIN_BLOCKS) || !defined(MAX_REGS) || !defined(VEC_LOAD) || !defined(SPLIT_Q) || !defined(SMEM_BYTES)
+#error "fwd_sm80.cu needs HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, STAGES, MIN_BLOCKS, MAX_REGS, VEC_LOAD, SPLIT_Q, SMEM_BYTES"
 #endif
 
 namespace cuflash {
 namespace fwd {
 
-constexpr bool kIsF32 = DTYPE == 3;
-#if DTYPE == 1
-using Elem = Half;
-constexpr bool kSplitQ = false;
-#elif DTYPE == 2
-using Elem = BFloat16;
-constexpr bool kSplitQ = false;
-#elif DTYPE == 3
-using Elem = float;
-constexpr bool kSplitQ = SPLIT_Q;
-#else
-#error "DTYPE must be 1 (float16), 2 (bfloat16) or 3 (float32)"
-#endif
-
+constexpr bool kSplitQ = SPLIT_Q != 0;
+static_assert(kIsF32 || !kSplitQ, "SPLIT_Q belongs to the float32 path");
 constexpr int kHeadDim = HEAD_DIM;
 constexpr int kBlockM = BLOCK_M;
 constexpr int kBlockN = BLOCK_N;
 constexpr int kWarps = NUM_WARPS;
 constexpr int kThreads = kWarps * 32;
 constexpr int kStages = STAGES;
-constexpr int kElemBytes = kIsF32 ? 4 : 2;
 constexpr int kChunkElems = 16 / kElemBytes;           // elements per 16-byte cp.async chunk
 constexpr int kRowChunks = kHeadDim / kChunkElems;     // chunks per shared-memory row
 // One 16-byte pad per row: the 8 row addresses of an ldmatrix (and the 8 rows of a tf32 fragment)
@@ -86,73 +78,19 @@ static_assert(!kIsF32 || (kBlockN % 8 == 0 && kBlockN >= 8), "float32 BLOCK_N mu
 static_assert(kStages >= 2 && kStages <= 4, "STAGES must be in 2..4");
 static_assert(!kIsF32 || kStages == 2, "float32 streams one raw K_j/V_j tile beside the split planes: STAGES must be 2");
 static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm_90 CTA can have");
+static_assert(kSmemBytes == SMEM_BYTES, "the launcher's shared memory (SMEM_BYTES, from variants.py) must match this layout");
 static_assert((kRowBytes / 4) % 32 == 4 || (kRowBytes / 4) % 32 == 20,
               "row stride must keep ldmatrix/tf32 fragment rows on distinct bank groups");
 
-struct Tensor {
-    const char* base;  // element (b, 0, h, 0) of this CTA's head
-    i64 stride_s;      // elements between consecutive sequence positions
-    i64 stride_d;      // elements between consecutive head-dim entries (1 on the VEC_LOAD path)
-};
-
-// Tile loads: thread tid copies chunk (tid % kRowChunks) of rows tid / kRowChunks + p * kRowsPerPass.
-// The column is fixed per thread, so each pass only advances one pointer by a fixed row step.
-constexpr int kRowsPerPass = kThreads / kRowChunks;
-static_assert(kRowsPerPass >= 1, "a CTA needs at least one thread per 16-byte chunk of a row");
-
-// Loads rows [row0, row0 + ROWS) x cols [0, HEAD_DIM) of a (seq, dim) view into padded shared
-// memory; rows >= nrows and cols >= ncols become 0 (zeros keep tails out of every product).
-// VEC_LOAD: 16-byte cp.async with zero-fill (needs 16-byte aligned rows, stride_d == 1).
-// Otherwise: element loads with arbitrary strides, stored synchronously.
+// Tile loads through core/tile_io.cuh; float32 element loads of many passes stay rolled (unrolled,
+// the loads of every pass are issued at once, and their values and 64-bit addresses do not fit
+// beside O_i).
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, int tid) {
-    constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
-    const int r = tid / kRowChunks;
-    const int col0 = (tid % kRowChunks) * kChunkElems;
-    if (r >= kRowsPerPass) return;
-    int cols = ncols - col0;
-    cols = cols < 0 ? 0 : (cols > kChunkElems ? kChunkElems : cols);
-    const i64 step = kRowsPerPass * t.stride_s * kElemBytes;
-#if VEC_LOAD
-    const char* src = t.base + (static_cast<i64>(row0 + r) * t.stride_s + col0) * kElemBytes;
-#else
-    const char* src = t.base + (static_cast<i64>(row0 + r) * t.stride_s + col0 * t.stride_d) * kElemBytes;
-#endif
-    u32 dst = smem + r * kRowBytes + col0 * kElemBytes;
-#if DTYPE == 3 && !VEC_LOAD
-    // float32 element loads of many passes stay rolled: unrolled, the loads of every pass are issued
-    // at once, and their values and 64-bit addresses do not fit beside O_i.
-#pragma unroll(kPasses >= 8 ? 1 : kPasses)
-#else
-#pragma unroll
-#endif
-    for (int p = 0; p < kPasses; ++p) {
-        if (kPasses * kRowsPerPass == ROWS || r + p * kRowsPerPass < ROWS) {
-            const int valid = row0 + r + p * kRowsPerPass < nrows ? cols : 0;
-#if VEC_LOAD
-            cp_async_16(dst, valid > 0 ? src : t.base, valid * kElemBytes);
-#else
-            u32 w[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-            for (int e = 0; e < kChunkElems; ++e) {
-                if (e < valid) {
-#if DTYPE == 3
-                    w[e] = *reinterpret_cast<const u32*>(src + e * t.stride_d * kElemBytes);
-#else
-                    const u32 h = *reinterpret_cast<const u16*>(src + e * t.stride_d * kElemBytes);
-                    w[e / 2] |= h << (16 * (e % 2));
-#endif
-                }
-            }
-            sts_128(dst, w[0], w[1], w[2], w[3]);
-#endif
-        }
-        src += step;
-        // Keeps the compiler from precomputing every pass's address up front (registers held
-        // across the whole main loop); one add per pass is cheaper than those registers.
-        asm volatile("" : "+l"(src));
-        dst += kRowsPerPass * kRowBytes;
-    }
+    constexpr int kPasses = (ROWS + kThreads / kRowChunks - 1) / (kThreads / kRowChunks);
+    constexpr int kElemUnroll = kIsF32 && kPasses >= 8 ? 1 : kPasses;
+    cuflash::load_tile<ROWS, kHeadDim, kElemBytes, kThreads, PaddedRows<kRowBytes>, VEC_LOAD != 0, kElemUnroll>(
+        smem, t, row0, nrows, ncols, tid);
 }
 
 #if DTYPE != 3
@@ -343,108 +281,27 @@ __device__ __forceinline__ void pv_product(float (&acc_o)[kMTiles][kDTiles][4], 
 }
 #endif
 
-// Online-softmax state of this thread's two rows (g and g + 8) in each m16 fragment, in the log2
-// domain: m_i is the reference max of scale*log2(e)*S, l_i the running sum of exp2(s - m_i) over
-// this thread's columns only (the quad's four partial sums are added once, in finalize).
-//
-// m_i moves only when some row of the warp finds a max more than kRescaleSlack above it: until then
-// P = exp2(s - m_i) <= 2^kRescaleSlack, exact in f32 and as precise in f16/bf16 as any value, and
-// O_i, l_i skip their rescale. Both are relative to the same m_i, so O_i / l_i and LSE stay exact.
-constexpr float kRescaleSlack = 8.f;
 
-struct SoftmaxState {
-    float m[kMTiles][2];
-    float l[kMTiles][2];
+using Softmax = SoftmaxState<kMTiles, kNTiles, kDTiles>;
 
-    __device__ __forceinline__ void init() {
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                m[mt][h] = neg_inf();
-                l[mt][h] = 0.f;
-            }
-    }
-
-    // Turns the scores into P = exp2(c * s - m_i) in place (c = scale * log2 e), first moving m_i
-    // (and rescaling O_i and l_i) if the warp needs it. SCALED: s already holds c * S with masked
-    // entries at -inf (tiles that need a mask); otherwise s is the raw S of an unmasked tile, the
-    // row max is c * max S (c * min S for c < 0) and the scaling rides in the exp2's FFMA.
-    // A row that has seen only masked keys keeps m = -inf and subtracts 0 instead, since
-    // -inf - (-inf) would be NaN: its P and alpha are then exp2(-inf) = 0, so O_i and l_i stay 0.
-    template <bool SCALED>
-    __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc_o)[kMTiles][kDTiles][4],
-                                           float c) {
-        float mx[kMTiles][2];
-        bool grow = false;
-        const bool negate = !SCALED && c < 0.f;  // warp-uniform
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float x;
-                if (negate) {
-                    x = __int_as_float(0x7f800000);
-#pragma unroll
-                    for (int nt = 0; nt < kNTiles; ++nt) x = fminf(x, fminf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-                    x = -quad_max(-x);
-                } else {
-                    x = neg_inf();
-#pragma unroll
-                    for (int nt = 0; nt < kNTiles; ++nt) x = fmaxf(x, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-                    x = quad_max(x);
-                }
-                mx[mt][h] = SCALED ? x : c * x;
-                grow |= mx[mt][h] > m[mt][h] + kRescaleSlack;
-            }
-        if (__any_sync(0xffffffffu, grow)) {
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const float m_new = fmaxf(m[mt][h], mx[mt][h]);
-                    const float alpha = exp2_approx(m[mt][h] - (m_new == neg_inf() ? 0.f : m_new));
-                    m[mt][h] = m_new;
-                    l[mt][h] *= alpha;
-#pragma unroll
-                    for (int dt = 0; dt < kDTiles; ++dt) {
-                        acc_o[mt][dt][2 * h] *= alpha;
-                        acc_o[mt][dt][2 * h + 1] *= alpha;
-                    }
-                }
-        }
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float m_use = m[mt][h] == neg_inf() ? 0.f : m[mt][h];
-                float sum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                        s[mt][nt][e] = exp2_approx(SCALED ? s[mt][nt][e] - m_use : fmaf(s[mt][nt][e], c, -m_use));
-                        sum += s[mt][nt][e];
-                    }
-                l[mt][h] += sum;
-            }
-    }
-};
-
-// Loop-invariant inputs of tile_step.
+// Loop-invariant inputs of tile_step. Tiles run from the last the CTA needs (n_last) down.
 struct TileLoop {
     u32 sQ_warp, sKV;  // this warp's Q_i rows (float32: planes or as loaded); K stages then V stages
                        // (float32: K_j planes, V_j planes, raw K_j, raw V_j)
     Tensor tk, tv;
-    int n_blocks, seqlen_k, head_dim, head_dim_v, tid, lane;
-    float scale_log2;
+    int n_last, n_tiles, seqlen_k, head_dim, head_dim_v, tid, lane;
+    ScoreMod mod;
 };
 
-// One K_j/V_j tile: S = Q_i K_j^T, online softmax, O_i += P V_j. MASKED is a template parameter so
-// the tiles strictly below the diagonal and before the Sk tail carry no masking code at all.
+// One K_j/V_j tile: S = Q_i K_j^T, logits, online softmax, O_i += P V_j. MASKED is a template
+// parameter so that the tiles wholly inside the mask's band carry no masking code at all.
+// row_w is this thread's first row (g of its warp's first m16 fragment) and band the keys of its
+// rows; the ALiBi distances are derived from row_w where needed (the parameters stay in constant
+// memory).
 template <bool MASKED>
-__device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage, const int (&last_key)[kMTiles][2],
-                                          SoftmaxState& state, float (&acc_o)[kMTiles][kDTiles][4]) {
+__device__ __forceinline__ void tile_step(const FwdParams& p, const TileLoop& c, int it, int& stage, i64 row_w,
+                                          const Mask::RowBand& band, Softmax& state,
+                                          float (&acc_o)[kMTiles][kDTiles][4]) {
 #if DTYPE == 3
     cp_async_wait<0>();
     // Raw tile `it` (and Q_i without SPLIT_Q) has landed for every thread, and every warp is
@@ -454,8 +311,8 @@ __device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage,
     // The planes of tile `it` are complete, and every warp has read the raw tile, which the
     // load below refills.
     __syncthreads();
-    if (it + 1 < c.n_blocks) {
-        const int n0 = (c.n_blocks - 2 - it) * kBlockN;
+    if (it + 1 < c.n_tiles) {
+        const int n0 = (c.n_last - 1 - it) * kBlockN;
         load_tile<kBlockN>(c.sKV + 2 * kKVPlaneBytes, c.tk, n0, c.seqlen_k, c.head_dim, c.tid);
         load_tile<kBlockN>(c.sKV + 2 * kKVPlaneBytes + kKVTileBytes, c.tv, n0, c.seqlen_k, c.head_dim_v, c.tid);
     }
@@ -466,9 +323,9 @@ __device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage,
     // whose stage the load below refills.
     __syncthreads();
     const int nxt = it + kStages - 1;
-    if (nxt < c.n_blocks) {
+    if (nxt < c.n_tiles) {
         const int nstage = stage == 0 ? kStages - 1 : stage - 1;
-        const int n0 = (c.n_blocks - 1 - nxt) * kBlockN;
+        const int n0 = (c.n_last - nxt) * kBlockN;
         load_tile<kBlockN>(c.sKV + nstage * kKVTileBytes, c.tk, n0, c.seqlen_k, c.head_dim, c.tid);
         load_tile<kBlockN>(c.sKV + (kStages + nstage) * kKVTileBytes, c.tv, n0, c.seqlen_k, c.head_dim_v, c.tid);
     }
@@ -484,30 +341,41 @@ __device__ __forceinline__ void tile_step(const TileLoop& c, int it, int& stage,
             for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
     qk_product(s, c.sQ_warp, kIsF32 ? c.sKV : c.sKV + stage * kKVTileBytes, c.lane);
 
-    // Tiles with a mask: scale into the log2 domain and set keys past each row's last visible one
-    // to -inf. Unmasked tiles leave the scaling to the softmax's exp2.
-    if constexpr (MASKED) {
+    // Logits in the log2 domain where a score modifier or the mask needs them (masked keys -inf);
+    // plain unmasked tiles leave the scaling to the softmax's exp2. This lane's columns are
+    // col0 + nt * 8 + e, e in {0, 1}.
+    const int col0 = (c.n_last - it) * kBlockN + 2 * (c.lane & 3);
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
+    for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < kNTiles; ++nt)
+        for (int hh = 0; hh < 2; ++hh) {
+            const int d = mt * 16 + hh * 8;  // this row's offset from row_w
+            if constexpr (kScoreMods) {
+                const float dist0 = kAlibi ? static_cast<float>(row_w + d + p.mask_offset - col0) : 0.f;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[mt][nt][e] *= c.scale_log2;
-        const int col0 = (c.n_blocks - 1 - it) * kBlockN + 2 * (c.lane & 3);
+                for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
+                    for (int e = 0; e < 2; ++e) {
+                        float& x = s[mt][nt][2 * hh + e];
+                        x = c.mod.logit2(x, dist0 - static_cast<float>(nt * 8 + e));
+                    }
+            } else if constexpr (MASKED) {
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int bound = last_key[mt][hh] - col0;
+                for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) s[mt][nt][2 * hh + e] *= c.mod.scale_log2;
+            }
+            if constexpr (MASKED) {
+                const int lo = band.first(d) - col0, hi = band.last(d, c.seqlen_k) - col0;
 #pragma unroll
                 for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
                     for (int e = 0; e < 2; ++e)
-                        if (nt * 8 + e > bound) s[mt][nt][2 * hh + e] = neg_inf();
+                        if (nt * 8 + e < lo || nt * 8 + e > hi) s[mt][nt][2 * hh + e] = neg_inf();
             }
-    }
+        }
 
-    state.update<MASKED>(s, acc_o, c.scale_log2);
+    state.update<MASKED || kScoreMods>(s, acc_o, c.mod.scale_log2);
     pv_product(acc_o, s, kIsF32 ? c.sKV + kKVPlaneBytes : c.sKV + (kStages + stage) * kKVTileBytes, c.lane);
     stage = stage + 1 == kStages ? 0 : stage + 1;
 }
@@ -526,46 +394,35 @@ using namespace cuflash::fwd;
 #define FLASH_FWD_BOUNDS __launch_bounds__(kThreads, MIN_BLOCKS)
 #endif
 
-// Grid: blockIdx.x = (b * Hq + h) * num_m_blocks + (num_m_blocks - 1 - m_block), so B*Hq is not
-// bound by gridDim.y/z limits, CTAs of one head run together (K/V stay in L2), and the longest
-// causal tiles start first. Strides are in elements. vec_out: rows of out are 16-byte aligned with
-// unit stride_d, so whole chunks are stored at once.
-extern "C" __global__ void FLASH_FWD_BOUNDS
-flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v, void* __restrict__ out,
-          float* __restrict__ lse, i64 q_sb, i64 q_ss, i64 q_sh, i64 q_sd, i64 k_sb, i64 k_ss, i64 k_sh, i64 k_sd,
-          i64 v_sb, i64 v_ss, i64 v_sh, i64 v_sd, i64 o_sb, i64 o_ss, i64 o_sh, i64 o_sd, i64 lse_sb, i64 lse_sh,
-          i64 lse_ss, int heads_q, int group, int seqlen_q, int seqlen_k, int head_dim, int head_dim_v, int causal,
-          i64 causal_offset, float scale_log2, int num_m_blocks, int vec_out) {
+// Grid: attn/schedule.cuh's q_work over p.num_m_blocks query tiles per (batch, head).
+extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ FwdParams p) {
     extern __shared__ __align__(128) char smem[];
     const u32 sQ = smem_addr(smem);
     const u32 sKV = sQ + kQBytes;  // K stages, then V stages (float32: planes, then raw tile)
 
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
-    const i64 bh = blockIdx.x / num_m_blocks;
-    const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x - bh * num_m_blocks);
-    const i64 b = bh / heads_q;
-    const int h = static_cast<int>(bh - b * heads_q);
-    const int h_kv = h / group;
-    const int row0 = m_block * kBlockM;
+    const QWork work = q_work(p.num_m_blocks, p.heads_q, p.group);
+    const i64 b = work.b;
+    const int h = work.h;
+    const int row0 = work.tile * kBlockM;
+    const int row_end = row0 + kBlockM < p.seqlen_q ? row0 + kBlockM : p.seqlen_q;
+    const int seqlen_k = p.seqlen_k, head_dim = p.head_dim, head_dim_v = p.head_dim_v;
 
-    const Tensor tq{static_cast<const char*>(q) + (b * q_sb + h * q_sh) * kElemBytes, q_ss, q_sd};
-    const Tensor tk{static_cast<const char*>(k) + (b * k_sb + h_kv * k_sh) * kElemBytes, k_ss, k_sd};
-    const Tensor tv{static_cast<const char*>(v) + (b * v_sb + h_kv * v_sh) * kElemBytes, v_ss, v_sd};
+    const Tensor tq = Tensor::of(p.q, p.q_st, b, h, kElemBytes);
+    const Tensor tk = Tensor::of(p.k, p.k_st, b, work.h_kv, kElemBytes);
+    const Tensor tv = Tensor::of(p.v, p.v_st, b, work.h_kv, kElemBytes);
 
-    // Key tiles that any row of Q_i can see: all of them, or up to the last row's diagonal.
-    i64 key_end = seqlen_k;
-    if (causal) {
-        const i64 diag_end = static_cast<i64>(row0) + kBlockM + causal_offset;  // last row sees keys < this
-        key_end = diag_end < key_end ? diag_end : key_end;
-    }
-    const int n_blocks = key_end <= 0 ? 0 : static_cast<int>((key_end + kBlockN - 1) / kBlockN);
+    // The key tiles some row of Q_i sees, run from the last to the first (the diagonal's first
+    // under a causal mask).
+    const Mask mask = Mask::of(p);
+    const TileRange range = mask.key_tiles<kBlockN>(row0, row_end);
+    const int n_tiles = range.count(), n_last = range.end - 1;
 
-    // Tiles run from the last to the first, so the masked (diagonal, Sk tail) ones come first.
 #if DTYPE == 3
     // With SPLIT_Q, Q_i lands where the K_j/V_j planes go and is split into its own planes.
     const u32 sQ_loaded = kSplitQ ? sKV : sQ;
-    load_tile<kBlockM>(sQ_loaded, tq, row0, seqlen_q, head_dim, tid);
+    load_tile<kBlockM>(sQ_loaded, tq, row0, p.seqlen_q, head_dim, tid);
     if constexpr (kSplitQ) {
         cp_async_commit();
         cp_async_wait<0>();
@@ -575,18 +432,18 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
         // Every warp has read Q_i as loaded, which the first raw tile and the planes overwrite.
         __syncthreads();
     }
-    if (n_blocks > 0) {
-        const int n0 = (n_blocks - 1) * kBlockN;
+    if (n_tiles > 0) {
+        const int n0 = n_last * kBlockN;
         load_tile<kBlockN>(sKV + 2 * kKVPlaneBytes, tk, n0, seqlen_k, head_dim, tid);
         load_tile<kBlockN>(sKV + 2 * kKVPlaneBytes + kKVTileBytes, tv, n0, seqlen_k, head_dim_v, tid);
     }
     cp_async_commit();
 #else
-    load_tile<kBlockM>(sQ, tq, row0, seqlen_q, head_dim, tid);
+    load_tile<kBlockM>(sQ, tq, row0, p.seqlen_q, head_dim, tid);
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < n_blocks) {
-            const int n0 = (n_blocks - 1 - s) * kBlockN;
+        if (s < n_tiles) {
+            const int n0 = (n_last - s) * kBlockN;
             load_tile<kBlockN>(sKV + s * kKVTileBytes, tk, n0, seqlen_k, head_dim, tid);
             load_tile<kBlockN>(sKV + (kStages + s) * kKVTileBytes, tv, n0, seqlen_k, head_dim_v, tid);
         }
@@ -601,40 +458,35 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
         for (int dt = 0; dt < kDTiles; ++dt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
-    SoftmaxState state;
+    Softmax state;
     state.init();
 
     const u32 sQ_warp = sQ + warp * kWarpRows * kRowBytes;
     const int g = lane >> 2, t = lane & 3;
     int stage = 0;
-    // Last key each of this thread's rows may see (-1: none); masking a tile element is then one
-    // compare against a per-tile bound instead of index arithmetic per element.
-    int last_key[kMTiles][2];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            i64 last = seqlen_k - 1;
-            const i64 row = row0 + warp * kWarpRows + mt * 16 + g + hh * 8;
-            if (causal && row + causal_offset < last) last = row + causal_offset;
-            last_key[mt][hh] = static_cast<int>(last < -1 ? -1 : last);
-        }
+    const i64 row_w = row0 + warp * kWarpRows + g;
+    const Mask::RowBand band = mask.row_band(row_w);
 
     const u32 sQ_frag = kSplitQ ? sQ + warp * kWarpRows * kHeadDim * 8 : sQ_warp;
-    const TileLoop loop{sQ_frag, sKV, tk, tv, n_blocks, seqlen_k, head_dim, head_dim_v, tid, lane, scale_log2};
-    // Tiles that cross the Sk tail or the diagonal come first (descending order); from the first
-    // tile that needs no mask on, none does.
-    int it = 0;
-    for (; it < n_blocks; ++it) {
-        const i64 n0 = static_cast<i64>(n_blocks - 1 - it) * kBlockN;
-        const bool tail = n0 + kBlockN > seqlen_k;
-        const bool diag = causal && n0 + kBlockN - 1 > row0 + causal_offset;
-        if (!tail && !diag) break;
-        tile_step<true>(loop, it, stage, last_key, state, acc_o);
+    const TileLoop loop{sQ_frag, sKV, tk, tv, n_last, n_tiles, seqlen_k, head_dim, head_dim_v, tid, lane,
+                        ScoreMod::of(p, b, h)};
+    // Tiles wholly inside [full_lo, full_hi), the keys every row sees, need no mask. In descending
+    // order the masked tiles (the Sk tail, the band's upper edge) come first, then the unmasked
+    // ones, then those across the band's lower edge (a window): the outer loop runs at most twice,
+    // and each tile body is specialised without a branch inside it (with a third copy of the masked
+    // body the d = 64, 128 x 128 tiles spill).
+    int full_lo, full_hi;
+    mask.keys_of_all(row0, row_end, full_lo, full_hi);
+    auto is_full = [&](int it) {
+        const int n0 = (n_last - it) * kBlockN;
+        return n0 >= full_lo && n0 + kBlockN <= full_hi;
+    };
+    for (int it = 0; it < n_tiles;) {
+        for (; it < n_tiles && !is_full(it); ++it) tile_step<true>(p, loop, it, stage, row_w, band, state, acc_o);
+        for (; it < n_tiles && is_full(it); ++it) tile_step<false>(p, loop, it, stage, row_w, band, state, acc_o);
     }
-    for (; it < n_blocks; ++it) tile_step<false>(loop, it, stage, last_key, state, acc_o);
     cp_async_wait<0>();
-    // Every thread's copies into Q_i have landed (the loop's barriers do not cover n_blocks == 0)
+    // Every thread's copies into Q_i have landed (the loop's barriers do not cover n_tiles == 0)
     // before warps reuse their Q_i rows to stage O_i; with SPLIT_Q those rows overlap other warps'
     // Q_i planes, which every warp is done with here.
     __syncthreads();
@@ -648,9 +500,9 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
             const float l = quad_sum(state.l[mt][hh]);
             inv_l[mt][hh] = l > 0.f ? 1.f / l : 0.f;
             const int row = row0 + warp * kWarpRows + mt * 16 + g + hh * 8;
-            if (t == 0 && row < seqlen_q) {
+            if (t == 0 && row < p.seqlen_q) {
                 const float val = l > 0.f ? 0.6931471805599453f * (state.m[mt][hh] + log2_approx(l)) : neg_inf();
-                lse[b * lse_sb + h * lse_sh + row * lse_ss] = val;
+                p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] = val;
             }
         }
 
@@ -674,7 +526,7 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
             }
     __syncwarp();  // this warp's staged rows are complete before its lanes read across them
 
-    char* const o_base = static_cast<char*>(out) + (b * o_sb + h * o_sh) * kElemBytes;
+    char* const o_base = static_cast<char*>(p.out) + (b * p.o_st.b + h * p.o_st.h) * kElemBytes;
     constexpr int kOutIters = (kWarpRows * kRowChunks + 31) / 32;
 #pragma unroll
     for (int it = 0; it < kOutIters; ++it) {
@@ -682,17 +534,17 @@ flash_fwd(const void* __restrict__ q, const void* __restrict__ k, const void* __
         const int r = c / kRowChunks;
         const int col0 = (c % kRowChunks) * kChunkElems;
         const int row = row0 + warp * kWarpRows + r;
-        if (r >= kWarpRows || row >= seqlen_q || col0 >= head_dim_v) continue;
+        if (r >= kWarpRows || row >= p.seqlen_q || col0 >= head_dim_v) continue;
         u32 w[4];
         lds_128(sQ_warp + r * kRowBytes + col0 * kElemBytes, w[0], w[1], w[2], w[3]);
-        char* const p = o_base + static_cast<i64>(row) * o_ss * kElemBytes;
-        if (vec_out && col0 + kChunkElems <= head_dim_v) {
-            *reinterpret_cast<uint4*>(p + col0 * kElemBytes) = make_uint4(w[0], w[1], w[2], w[3]);
+        char* const o_row = o_base + static_cast<i64>(row) * p.o_st.s * kElemBytes;
+        if (p.vec_out && col0 + kChunkElems <= head_dim_v) {
+            *reinterpret_cast<uint4*>(o_row + col0 * kElemBytes) = make_uint4(w[0], w[1], w[2], w[3]);
         } else {
 #pragma unroll
             for (int e = 0; e < kChunkElems; ++e) {
                 if (col0 + e < head_dim_v) {
-                    char* const pe = p + static_cast<i64>(col0 + e) * o_sd * kElemBytes;
+                    char* const pe = o_row + static_cast<i64>(col0 + e) * p.o_st.d * kElemBytes;
 #if DTYPE == 3
                     *reinterpret_cast<u32*>(pe) = w[e];
 #else

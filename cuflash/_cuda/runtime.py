@@ -36,22 +36,31 @@ def source_dir():
 
 @functools.lru_cache(maxsize=None)
 def cuda_source(filename):
-    """Text of ``cuda_src/<filename>`` with local includes expanded once each."""
-    root = source_dir()
+    """Text of ``cuda_src/<filename>`` with local includes (relative to the including file)
+    expanded once each."""
     seen = set()
 
-    def expand(name):
-        if name in seen:
+    def expand(path):
+        path = path.resolve()
+        if path in seen:
             return ""
-        seen.add(name)
-        text = (root / name).read_text()
-        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+        seen.add(path)
+        text = path.read_text()
+        return _INCLUDE.sub(lambda m: expand(path.parent / m.group(1)), text)
 
-    return expand(filename)
+    return expand(source_dir() / filename)
 
 
 def _defines_block(defines):
     return "".join(f"#define {key} {value}\n" for key, value in sorted(defines.items()))
+
+
+def program_text(filename, defines):
+    """The text NVRTC compiles for one variant: its defines, the source with its headers, and the
+    checks that the parameter structs have the layout the launchers build (params.py)."""
+    from .params import layout_asserts
+
+    return _defines_block(defines) + cuda_source(filename) + layout_asserts()
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,8 +121,8 @@ def get_kernel(filename, kernel_name, defines):
     kernel = _modules.get(key)
     if kernel is not None:
         return kernel
-    code = _defines_block(defines) + cuda_source(filename)
-    options = ("--std=c++17",) + arch_options(*compute_capability(device_id))
+    code = program_text(filename, defines)
+    options = ("--std=c++20",) + arch_options(*compute_capability(device_id))
     try:
         module = cupy.RawModule(code=code, options=options)
         kernel = module.get_function(kernel_name)
@@ -167,8 +176,8 @@ def compile_cubin(filename, kernel_name, defines, arch, extra_options=()):
     """
     from cupy_backends.cuda.libs import nvrtc
 
-    code = _defines_block(defines) + cuda_source(filename)
-    options = ["--std=c++17", f"-arch={arch}", "-ftz=true", *extra_options]
+    code = program_text(filename, defines)
+    options = ["--std=c++20", f"-arch={arch}", "-ftz=true", *extra_options]
     program = nvrtc.createProgram(code, filename, [], [])
     try:
         try:

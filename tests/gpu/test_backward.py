@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash._cuda import backward as backward_kernels
-from cuflash._cuda import runtime
+from cuflash._cuda import runtime, variants
 
 from ..helpers import BFLOAT16, assert_close, gpu_skip_reason, magnitudes, make_inputs, naive_same_dtype
 
@@ -90,14 +89,14 @@ def test_awkward_sizes_match_reference(sizes, dtype, causal_alignment, poisoned)
 
 
 @pytest.mark.parametrize("family", ["sm80", "sm90"])
-@pytest.mark.parametrize("bucket", backward_kernels.HEAD_DIM_BUCKETS)
+@pytest.mark.parametrize("bucket", variants.HEAD_DIM_BUCKETS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: d.name)
 def test_every_table_entry_matches_reference(family, bucket, dtype, poisoned, monkeypatch):
     """Each configuration of both architecture families' tables (the sm80 family's run here on
     whatever GPU this is): full and tail tiles, causal, GQA, D at the bucket's top."""
     if family == "sm90" and runtime.compute_capability()[0] != 9:
         pytest.skip("sm90 entries use sm_90a instructions")
-    monkeypatch.setattr(backward_kernels, "family", lambda major, minor: family)
+    monkeypatch.setattr(variants, "family", lambda major, minor: family)
     args, options = _inputs(1, 300, 257, 4, 2, bucket, bucket, dtype, causal=True, seed=bucket)
     for deterministic in (False, True):
         _check_against_reference(args, options, deterministic)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash._cuda import forward, runtime
+from cuflash._cuda import forward, runtime, variants
 from cuflash._errors import BackendUnavailableError
 from cuflash._problem import check_forward
 
@@ -174,7 +174,7 @@ def test_strided_output_is_fully_written():
     expected, expected_lse = cuflash.attention(q, k, v, return_lse=True, backend="cuda")
     out = cupy.full((1, 2, 65, 40), numpy.nan, numpy.float16).transpose(0, 2, 1, 3)  # BHSD storage
     lse = cupy.full((1, 2, 65), numpy.nan, numpy.float32)
-    forward.flash_forward(q, k, v, out, lse, problem)
+    forward.flash_forward(q, k, v, None, out, lse, problem)
     assert cupy.array_equal(out, expected) and cupy.array_equal(lse, expected_lse)
 
 
@@ -205,9 +205,25 @@ def test_float64_is_refused_by_the_kernel_launcher():
     q = cupy.zeros((1, 4, 1, 8), numpy.float64)
     problem = check_forward(q, q, q, causal=False, causal_alignment="bottom_right", scale=None, backend="cuda")
     with pytest.raises(BackendUnavailableError, match="float64"):
-        forward.flash_forward(q, q, q, cupy.empty_like(q), cupy.empty((1, 1, 4), numpy.float32), problem)
+        forward.flash_forward(q, q, q, None, cupy.empty_like(q), cupy.empty((1, 1, 4), numpy.float32), problem)
 
 
 def test_compile_errors_name_the_kernel():
     with pytest.raises(cuflash.KernelCompileError, match="flash_fwd"):
-        runtime.get_kernel(forward.SOURCE, forward.KERNEL, {"HEAD_DIM": 48})
+        runtime.get_kernel(variants.FWD_SOURCE, variants.FWD_KERNEL, {"HEAD_DIM": 48})
+
+
+@pytest.mark.parametrize("family", ["sm80", "sm90"])
+@pytest.mark.parametrize("bucket", variants.HEAD_DIM_BUCKETS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_every_table_entry_matches_reference(family, bucket, dtype, poisoned, monkeypatch):
+    """Each tile of both architecture families' forward tables (the sm80 family's run here on
+    whatever GPU this is): full and tail tiles, causal, GQA, D at the bucket's top."""
+    if family == "sm90" and runtime.compute_capability()[0] != 9:
+        pytest.skip("sm90 entries use sm_90a instructions")
+    monkeypatch.setattr(variants, "family", lambda major, minor: family)
+    rng = numpy.random.default_rng(bucket)
+    q, k, v, _ = make_inputs(rng, 1, 300, 257, 4, 2, bucket, bucket, dtype)
+    for causal in (False, True):
+        out, lse = run_gpu(q, k, v, causal=causal)
+        check_against_reference(q, k, v, out, lse, causal=causal)

@@ -1,0 +1,67 @@
+// Which work a CTA does: blockIdx -> (batch, head, tile), with the tile ranges the mask allows.
+#pragma once
+
+#include "mask.cuh"
+
+namespace cuflash {
+
+// The work of one dK/dV CTA. Grid: blockIdx.x = ((b * Hkv + h_kv) * splits + split) * n_tiles + key
+// tile, so B*H is not bound by gridDim.y/z limits and the CTAs of one head (sharing its Q and dO in
+// L2) run together. The CTA owns keys [key0, key0 + BlockN) of key/value head h_kv and streams the
+// query tiles m in [m_begin, m_end) that those keys need (Mask::query_tiles) of the query heads h in
+// [h_begin, h_end) of its share of the GQA group: n_iter steps (h, m), tiles fastest.
+struct KvStep {
+    int h, m;
+};
+
+struct KvWork {
+    i64 b;
+    int split, h_kv, key0, h_begin, h_end, m_begin, m_end, n_iter;
+
+    __device__ __forceinline__ KvStep first() const { return KvStep{h_begin, m_begin}; }
+    __device__ __forceinline__ KvStep next(KvStep x) const {
+        return x.m + 1 < m_end ? KvStep{x.h, x.m + 1} : KvStep{x.h + 1, m_begin};
+    }
+};
+
+template <int BlockN, int BlockM>
+__device__ __forceinline__ KvWork kv_work(const BwdParams& p, const Mask& mask) {
+    KvWork w;
+    const int tile = static_cast<int>(blockIdx.x % p.n_tiles);
+    i64 rest = blockIdx.x / p.n_tiles;
+    w.split = static_cast<int>(rest % p.splits);
+    rest /= p.splits;
+    w.h_kv = static_cast<int>(rest % p.fwd.heads_kv);
+    w.b = rest / p.fwd.heads_kv;
+    w.key0 = tile * BlockN;
+    const int group = p.fwd.group;
+    w.h_begin = w.h_kv * group + w.split * p.heads_per_split;
+    const int h_stop = w.h_kv * group + group;
+    w.h_end = w.h_begin + p.heads_per_split < h_stop ? w.h_begin + p.heads_per_split : h_stop;
+    const int key1 = w.key0 + BlockN < p.fwd.seqlen_k ? w.key0 + BlockN : p.fwd.seqlen_k;
+    const TileRange m = mask.query_tiles<BlockM>(w.key0, key1);
+    w.m_begin = m.begin;
+    w.m_end = m.end;
+    w.n_iter = m.count() * (w.h_end > w.h_begin ? w.h_end - w.h_begin : 0);
+    return w;
+}
+
+// The query tile of a forward or dQ CTA. Grid: blockIdx.x = (b * Hq + h) * n_tiles + (n_tiles - 1 -
+// tile): the CTAs of one head run together (K/V stay in L2), and with a causal mask the longest
+// rows start first.
+struct QWork {
+    i64 b;
+    int h, h_kv, tile;
+};
+
+__device__ __forceinline__ QWork q_work(int n_tiles, int heads_q, int group) {
+    QWork w;
+    const i64 bh = blockIdx.x / n_tiles;
+    w.tile = n_tiles - 1 - static_cast<int>(blockIdx.x - bh * n_tiles);
+    w.b = bh / heads_q;
+    w.h = static_cast<int>(bh - w.b * heads_q);
+    w.h_kv = w.h / group;
+    return w;
+}
+
+}  // namespace cuflash

@@ -1,0 +1,68 @@
+// Kernel parameters: one struct per pass, passed by value as a __grid_constant__ kernel argument.
+//
+// cuflash/_cuda/params.py mirrors these structs as NumPy structured dtypes and builds them on the
+// host; every compile appends static_asserts (from that mirror) on sizeof and each field's offset,
+// so a field added on one side only fails to compile. Adding a feature's parameters means adding
+// fields here and in params.py. Strides are in elements and, like every offset built from them,
+// 64-bit.
+#pragma once
+
+#include "ptx.cuh"
+
+namespace cuflash {
+
+// Strides of a (batch, sequence, head, head-dim) tensor.
+struct Strides {
+    i64 b, s, h, d;
+};
+
+// A window side that is not bounded (FlashAttention's -1): far beyond any sequence, yet
+// i +- kUnbounded cannot overflow 64 bits.
+constexpr i64 kUnbounded = i64(1) << 62;
+
+// The forward pass; the backward reads the same fields for the same meaning.
+struct FwdParams {
+    const void* q;               // (B, Sq, Hq, D)
+    const void* k;               // (B, Sk, Hkv, D)
+    const void* v;               // (B, Sk, Hkv, Dv)
+    void* out;                   // (B, Sq, Hq, Dv)
+    float* lse;                  // (B, Hq, Sq), natural log
+    const float* alibi_slopes;   // slope of (b, h) at alibi_slopes[b * alibi_sb + h]; null without ALiBi
+    Strides q_st, k_st, v_st, o_st;
+    i64 lse_sb, lse_sh, lse_ss;
+    i64 alibi_sb;                // 0 for slopes of shape (Hq,)
+    // Mask (attn/mask.cuh): query i sees key j iff j < Sk and
+    // i + mask_offset - window_left <= j <= i + mask_offset + window_right; kUnbounded for no bound.
+    i64 mask_offset, window_left, window_right;
+    int batch, heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, head_dim_v;
+    // Scores (attn/score_mod.cuh): logit2 = log2(e) * mod(scale * s).
+    float scale;                 // scale (natural-log domain)
+    float scale_log2;            // scale * log2 e
+    float softcap_in;            // softcap: scale / c
+    float softcap_out;           // softcap: c * log2 e
+    int num_m_blocks;            // query tiles per (batch, head): the forward's grid is B * Hq * num_m_blocks
+    int vec_out;                 // out rows 16-byte aligned with unit stride along Dv
+};
+
+// The backward pass: the forward's problem (q, k, v, out, lse as the forward saw them) and the
+// gradients' operands and workspaces.
+struct BwdParams {
+    FwdParams fwd;
+    const void* dout;            // (B, Sq, Hq, Dv)
+    float* l2;                   // (B, Hq, Sq_pad): LSE * log2 e, +inf on rows that see no key and past Sq
+    float* dsum;                 // (B, Hq, Sq_pad): D = rowsum(dO o O), 0 past Sq
+    float* dq_accum;             // (B, Hq, Sq_pad, HEAD_DIM) float32 workspace of the atomic dQ
+    void* dq;                    // (B, Sq, Hq, D)
+    void* dk;                    // (B, Sk, Hkv, D), or float32 partial sums (splits, B, Hkv, Sk, D)
+    void* dv;                    // (B, Sk, Hkv, Dv), or float32 partial sums as dk
+    Strides do_st, dq_st, dk_st, dv_st;
+    i64 dk_split, dv_split;      // elements between the partial sums of two GQA splits
+    int seqlen_q_pad;            // Sq rounded up to a multiple of 128 (rows of l2, dsum, dq_accum)
+    int heads_per_split;         // query heads of a GQA group per dK/dV CTA
+    int splits;                  // CTAs sharing one key tile's GQA group
+    int n_tiles;                 // tiles the grid's fastest index runs over
+    int vec_in;                  // q, k, v, dout rows 16-byte aligned with unit stride along the head dim
+    int f32_out;                 // dK/dV go to float32 partial sums (splits > 1)
+};
+
+}  // namespace cuflash

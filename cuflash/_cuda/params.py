@@ -1,0 +1,132 @@
+"""The host side of ``cuda_src/core/params.cuh``: its structs as NumPy structured dtypes.
+
+A kernel takes one ``FwdParams`` or ``BwdParams`` by value; the launchers fill a zeroed NumPy
+scalar of the matching dtype here and CuPy passes its bytes as the argument. ``layout_asserts``
+turns these dtypes into compile-time checks of field order, field sizes and ``sizeof``, appended
+to every compiled program (the compile gate included), so the two definitions cannot drift apart.
+"""
+
+import functools
+
+import numpy
+
+_PTR = numpy.uint64
+_I64 = numpy.int64
+_I32 = numpy.int32
+_F32 = numpy.float32
+
+STRIDES = numpy.dtype([("b", _I64), ("s", _I64), ("h", _I64), ("d", _I64)], align=True)
+
+FWD = numpy.dtype([
+    ("q", _PTR), ("k", _PTR), ("v", _PTR), ("out", _PTR), ("lse", _PTR), ("alibi_slopes", _PTR),
+    ("q_st", STRIDES), ("k_st", STRIDES), ("v_st", STRIDES), ("o_st", STRIDES),
+    ("lse_sb", _I64), ("lse_sh", _I64), ("lse_ss", _I64),
+    ("alibi_sb", _I64),
+    ("mask_offset", _I64), ("window_left", _I64), ("window_right", _I64),
+    ("batch", _I32), ("heads_q", _I32), ("heads_kv", _I32), ("group", _I32),
+    ("seqlen_q", _I32), ("seqlen_k", _I32), ("head_dim", _I32), ("head_dim_v", _I32),
+    ("scale", _F32), ("scale_log2", _F32), ("softcap_in", _F32), ("softcap_out", _F32),
+    ("num_m_blocks", _I32), ("vec_out", _I32),
+], align=True)
+
+BWD = numpy.dtype([
+    ("fwd", FWD),
+    ("dout", _PTR), ("l2", _PTR), ("dsum", _PTR), ("dq_accum", _PTR), ("dq", _PTR), ("dk", _PTR), ("dv", _PTR),
+    ("do_st", STRIDES), ("dq_st", STRIDES), ("dk_st", STRIDES), ("dv_st", STRIDES),
+    ("dk_split", _I64), ("dv_split", _I64),
+    ("seqlen_q_pad", _I32), ("heads_per_split", _I32), ("splits", _I32), ("n_tiles", _I32), ("vec_in", _I32),
+    ("f32_out", _I32),
+], align=True)
+
+_C_NAMES = {FWD: "cuflash::FwdParams", BWD: "cuflash::BwdParams"}
+
+# An unbounded window side (params.cuh's kUnbounded).
+UNBOUNDED = 1 << 62
+_LOG2E = 1.4426950408889634
+
+
+def _designated(dtype):
+    """A designated initializer naming every field of ``dtype`` in order: C++ refuses one whose
+    order differs from the struct's."""
+    parts = [f".{name} = " + (_designated(sub) if sub.fields is not None else "{}")
+             for name, (sub, *_) in dtype.fields.items()]
+    return "{" + ", ".join(parts) + "}"
+
+
+def _field_sizes(dtype, prefix=""):
+    for name, (sub, *_) in dtype.fields.items():
+        yield prefix + name, sub.itemsize
+
+
+@functools.lru_cache(maxsize=1)
+def layout_asserts():
+    """C++ checks that params.cuh's structs have exactly the layout of FWD and BWD.
+
+    NVRTC has no constant ``offsetof``, so the layout is pinned by what determines it: the same
+    fields in the same order (a designated initializer in this order must compile; C++ refuses
+    one out of order), each of the same size, and the same total size (both sides align fields
+    naturally).
+    """
+    lines = ["// Layout of the parameter structs as cuflash/_cuda/params.py builds them."]
+    for dtype, c_name in _C_NAMES.items():
+        lines.append(f"static_assert(sizeof({c_name}{_designated(dtype)}) == {dtype.itemsize}, "
+                     f'"{c_name}: field order or size differs from params.py");')
+        for field, size in _field_sizes(dtype):
+            lines.append(f'static_assert(sizeof({c_name}::{field}) == {size}, "{c_name}::{field}: size differs from params.py");')
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def pointer(x):
+    """The device address of a CuPy array (0 for None)."""
+    return 0 if x is None else x.data.ptr
+
+
+def strides(x):
+    """The element strides of a CuPy BSHD array as a STRIDES record value."""
+    return tuple(s // x.itemsize for s in x.strides)
+
+
+def window_side(size):
+    return UNBOUNDED if size is None else size
+
+
+def forward(problem, q, k, v, out, lse, slopes, num_m_blocks, vec_out):
+    """The FwdParams of ``problem`` over these CuPy arrays (lse (B, Hq, Sq) float32; slopes
+    contiguous float32 or None), as the NumPy scalar CuPy passes by value."""
+    p = numpy.zeros((), FWD)
+    p["q"], p["k"], p["v"], p["out"], p["lse"] = (pointer(x) for x in (q, k, v, out, lse))
+    p["alibi_slopes"] = pointer(slopes)
+    p["q_st"], p["k_st"], p["v_st"], p["o_st"] = (strides(x) for x in (q, k, v, out))
+    p["lse_sb"], p["lse_sh"], p["lse_ss"] = strides(lse)
+    p["alibi_sb"] = problem.heads_q if problem.alibi == "batch_head" else 0
+    p["mask_offset"] = problem.mask_offset
+    p["window_left"] = window_side(problem.window_left)
+    p["window_right"] = window_side(problem.window_right)
+    p["batch"], p["heads_q"], p["heads_kv"], p["group"] = (problem.batch, problem.heads_q, problem.heads_kv,
+                                                          problem.group_size)
+    p["seqlen_q"], p["seqlen_k"] = problem.seqlen_q, problem.seqlen_k
+    p["head_dim"], p["head_dim_v"] = problem.head_dim, problem.head_dim_v
+    p["scale"] = problem.scale
+    p["scale_log2"] = problem.scale * _LOG2E
+    if problem.softcap > 0:
+        p["softcap_in"] = problem.scale / problem.softcap
+        p["softcap_out"] = problem.softcap * _LOG2E
+    p["num_m_blocks"] = num_m_blocks
+    p["vec_out"] = int(vec_out)
+    return p[()]
+
+
+def backward(fwd, dout, l2, dsum, dq_accum, dq, dk, dv, dk_strides, dv_strides, dk_split, dv_split, seqlen_q_pad,
+             heads_per_split, splits, n_tiles, vec_in, f32_out):
+    """The BwdParams around a forward's FwdParams ``fwd`` (strides of dk/dv given, as they may be
+    float32 partial sums)."""
+    p = numpy.zeros((), BWD)
+    p["fwd"] = fwd
+    p["dout"], p["l2"], p["dsum"], p["dq_accum"], p["dq"], p["dk"], p["dv"] = (
+        pointer(x) for x in (dout, l2, dsum, dq_accum, dq, dk, dv))
+    p["do_st"], p["dq_st"] = strides(dout), strides(dq)
+    p["dk_st"], p["dv_st"] = dk_strides, dv_strides
+    p["dk_split"], p["dv_split"] = dk_split, dv_split
+    p["seqlen_q_pad"], p["heads_per_split"], p["splits"], p["n_tiles"] = seqlen_q_pad, heads_per_split, splits, n_tiles
+    p["vec_in"], p["f32_out"] = int(vec_in), int(f32_out)
+    return p[()]

@@ -1,0 +1,430 @@
+"""The one variant table: every CUDA kernel, what it serves, and its tiles per architecture family.
+
+A *variant* is a kernel source compiled with a block of ``#define`` lines. This module decides
+all of them: the launchers (``forward.py``, ``backward.py``) ask it which tile to use and which
+defines to compile, the compile gate (``tests/test_compile_gate.py``) builds everything it lists,
+and the benchmarks read the same entries. The kernels check the defines with ``static_assert``s
+(shared memory included), so a table entry and its kernel agree by construction.
+
+Tile fields have one naming everywhere: ``block_m`` queries and ``block_n`` keys per tile; which
+of the two a CTA owns and which it streams is the kernel's role (stated per kernel below).
+
+Architecture families: "sm90" for compute capability 9.x (built for sm_90a), "sm80" for every
+other GPU from 8.0 on (built for sm_80). bench/NOTES.md records the measurements behind each entry.
+"""
+
+from dataclasses import dataclass, replace
+
+import numpy
+
+from .._errors import BackendUnavailableError
+
+HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3}
+# The architectures the compile gate builds each family for.
+FAMILY_ARCHS = {"sm80": ("sm_80",), "sm90": ("sm_90a",)}
+SMEM_LIMITS = {"sm80": 99 * 1024, "sm90": 227 * 1024}
+
+# What every kernel below serves. A kernel that serves less states its own set, and the launchers
+# refuse a problem that asks for more (so a future kernel cannot silently drop a feature).
+FEATURES = frozenset({"causal", "window", "softcap", "alibi", "gqa", "strided", "dv_ne_d"})
+
+# Score modifiers, as the SCORE_MODS bits of attn/score_mod.cuh.
+SCORE_MOD_BITS = {"softcap": 1, "alibi": 2}
+
+
+def family(major, minor):
+    return "sm90" if major == 9 else "sm80"
+
+
+def kind(dtype_name):
+    """The element kind a tile table is chosen by: "16bit" (float16, bfloat16) or "float32"."""
+    return "float32" if dtype_name == "float32" else "16bit"
+
+
+def dtypes_of(kind_name):
+    return ("float16", "bfloat16") if kind_name == "16bit" else ("float32",)
+
+
+def head_dim_bucket(head_dim, head_dim_v, buckets=HEAD_DIM_BUCKETS):
+    """The compiled head dim used for D and Dv (both zero-padded to it)."""
+    d = max(head_dim, head_dim_v)
+    for bucket in sorted(buckets):
+        if d <= bucket:
+            return bucket
+    raise ValueError(f"head_dim {head_dim} / head_dim_v {head_dim_v} exceed the largest bucket {max(buckets)}")
+
+
+def problem_features(problem):
+    """The features of FEATURES a problem uses."""
+    used = set()
+    if problem.window_right == 0 and problem.causal:
+        used.add("causal")
+    if not problem.mask.is_full and not (problem.causal and problem.window_left is None):
+        used.add("window")
+    used.update(problem.score_mods)
+    if problem.heads_q != problem.heads_kv:
+        used.add("gqa")
+    if problem.head_dim != problem.head_dim_v:
+        used.add("dv_ne_d")
+    return used
+
+
+def score_mods(problem):
+    """The SCORE_MODS define of a problem: the one place score modifiers become compile-time flags."""
+    return sum(SCORE_MOD_BITS[name] for name in problem.score_mods)
+
+
+def require(features, problem, what):
+    """Raise BackendUnavailableError when ``problem`` uses a feature the kernel does not serve."""
+    missing = problem_features(problem) - features
+    if missing:
+        raise BackendUnavailableError(f"{what} does not serve {', '.join(sorted(missing))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: kernels/fwd_sm80.cu (mma.sync; every family). A CTA owns block_m queries Q_i and streams
+# key tiles of block_n.
+# ---------------------------------------------------------------------------------------------
+
+FWD_SOURCE = "kernels/fwd_sm80.cu"
+FWD_KERNEL = "flash_fwd"
+
+
+@dataclass(frozen=True)
+class FwdTile:
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    min_blocks: int = 1  # CTAs per SM promised to the register allocator
+    max_regs: int = 0    # if > 0: register cap per thread, instead of min_blocks
+    split_q: bool = False  # float32 only: Q_i split once into big/small planes in shared memory
+
+    def element_wise(self):
+        """The tile of the element-wise loading path: its stride arithmetic needs registers that a
+        block_n of 128 leaves no room for."""
+        return replace(self, block_n=min(self.block_n, 64))
+
+    def smem_bytes(self, bucket, elem_bytes):
+        """Dynamic shared memory of the kernel (``kSmemBytes`` in fwd_sm80.cu). 16-bit: Q_i plus
+        ``stages`` K_j and V_j tiles, rows padded by 16 bytes. float32: Q_i (as loaded, or its big
+        and small planes of 8 bytes an element), the planes of one K_j and V_j tile, and one raw K_j
+        and V_j tile in flight; with split_q, Q_i is loaded into the space after its planes first."""
+        row_bytes = bucket * elem_bytes + 16
+        if elem_bytes == 2:
+            return (self.block_m + 2 * self.stages * self.block_n) * row_bytes
+        q_loaded = self.block_m * row_bytes
+        kv = 2 * self.block_n * bucket * 8 + 2 * self.block_n * row_bytes
+        if self.split_q:
+            return self.block_m * bucket * 8 + max(q_loaded, kv)
+        return q_loaded + kv
+
+
+_F = FwdTile
+# sm80-family entries stay within the 99 KiB a CTA may have on sm_86/sm_89; sm90 entries within
+# 227 KiB. Four warps of 32 rows each (two m16 fragments per warp) halve the shared-memory reads
+# of K_j/V_j per product compared with 16 rows per warp, and fit two CTAs per SM.
+# float32 has no 224 bucket: its 224-wide tiles spill at every register cap tried, so 193..256 run
+# in the 256 bucket. Each K_j/V_j tile is split once into shared planes of twice its size, which
+# bounds the tiles; Q_i is split once too (split_q) where its planes fit beside them. Register
+# caps are the ones that compile without spills.
+FWD_TILES = {
+    ("sm90", "16bit"): {32: _F(128, 128, 4, 2), 64: _F(128, 128, 4, 2), 96: _F(128, 64, 4, 2),
+                        128: _F(128, 64, 4, 2), 160: _F(64, 32, 4, 2), 192: _F(64, 32, 4, 2),
+                        224: _F(64, 32, 4, 2), 256: _F(64, 32, 4, 2)},
+    ("sm80", "16bit"): {32: _F(128, 64, 4, 2), 64: _F(128, 64, 4, 2), 96: _F(128, 64, 4, 2),
+                        128: _F(128, 32, 4, 2), 160: _F(64, 32, 4, 2), 192: _F(64, 32, 4, 2),
+                        224: _F(64, 16, 4, 2), 256: _F(64, 16, 4, 2)},
+    ("sm90", "float32"): {32: _F(128, 64, 8, 2, min_blocks=2), 64: _F(128, 32, 8, 2),
+                          96: _F(128, 32, 8, 2, split_q=True), 128: _F(128, 32, 8, 2, split_q=True),
+                          160: _F(128, 32, 8, 2, max_regs=160), 192: _F(128, 16, 8, 2),
+                          256: _F(128, 16, 8, 2, max_regs=188)},
+    ("sm80", "float32"): {32: _F(64, 64, 4, 2), 64: _F(64, 32, 4, 2), 96: _F(64, 32, 4, 2),
+                          128: _F(64, 16, 4, 2), 160: _F(64, 8, 4, 2), 192: _F(64, 8, 4, 2, max_regs=244),
+                          256: _F(32, 8, 2, 2, max_regs=184)},
+}
+
+
+# Tiles of the variants that spill registers with the table's tile: a score modifier or the
+# element-wise loading path keeps more values live. Key: (family, kind, bucket, SCORE_MODS, vec).
+# bench/tune_tiles.py finds them (the first spill-free alternative in a fixed order of candidates).
+FWD_SPILL_TILES = {}
+
+
+def fwd_tile(fam, dtype_name, head_dim, head_dim_v, mods=0, vec=True):
+    """``(tile, bucket)`` of the forward for a family, dtype, head dims, SCORE_MODS and load path."""
+    kind_name = kind(dtype_name)
+    table = FWD_TILES[(fam, kind_name)]
+    bucket = head_dim_bucket(head_dim, head_dim_v, table)
+    base = table[bucket] if vec else table[bucket].element_wise()
+    return FWD_SPILL_TILES.get((fam, kind_name, bucket, mods, bool(vec)), base), bucket
+
+
+def fwd_defines(tile, bucket, dtype_name, vec_load, mods):
+    """The ``#define`` block of one forward instantiation."""
+    return {
+        "HEAD_DIM": bucket, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "NUM_WARPS": tile.warps,
+        "STAGES": tile.stages, "MIN_BLOCKS": tile.min_blocks, "MAX_REGS": tile.max_regs,
+        "DTYPE": DTYPE_CODES[dtype_name], "VEC_LOAD": int(vec_load), "SPLIT_Q": int(tile.split_q),
+        "SCORE_MODS": mods, "SMEM_BYTES": tile.smem_bytes(bucket, numpy.dtype(_NP[dtype_name]).itemsize),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward. Four kernels, chosen per family, element kind and head dim:
+#   kernels/bwd_dkdv_sm90.cu  16-bit dK/dV with warpgroup MMA (sm90, d = 64, 128): WgTile
+#   kernels/bwd_dkdv_sm80.cu  16-bit dK/dV with mma.sync warp tiles: KvTile
+#   kernels/bwd_dkdv_f32.cu   float32 dK/dV, warps owning 16 keys: RowsTile
+#   kernels/bwd_dq.cu         the deterministic dQ pass (every dtype), warps owning 16 queries: RowsTile
+# dK/dV kernels own block_n keys and stream query tiles of block_m; the dQ kernel owns block_m
+# queries and streams key tiles of block_n. kernels/bwd_aux.cu holds the preprocess and convert
+# kernels around them.
+# ---------------------------------------------------------------------------------------------
+
+DKDV_KERNEL = "flash_bwd_dkdv"
+DQ_KERNEL = "flash_bwd_dq"
+AUX_SOURCE = "kernels/bwd_aux.cu"
+PREPROCESS_KERNEL = "flash_bwd_preprocess"
+CONVERT_KERNEL = "flash_bwd_convert"
+
+
+@dataclass(frozen=True)
+class RowsTile:
+    """``bwd_dkdv_f32.cu`` and ``bwd_dq.cu``: 16 owned rows per warp row group; ``split_d`` warps
+    share each 16-row group, each accumulating head_dim / split_d columns."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    split_d: int = 1
+    stages: int = 2
+    min_blocks: int = 1
+    kk_unroll: int = 0  # unroll of the k16 loop of S and dP (0: full); lower saves registers
+    split_stream: bool = False  # float32 dK/dV: split streamed tiles once into tf32 planes
+
+    def own_stream(self, dkdv):
+        return (self.block_n, self.block_m) if dkdv else (self.block_m, self.block_n)
+
+    def smem_bytes(self, bucket, elem_bytes, dkdv, dq_atomic):
+        """Dynamic shared memory, mirroring the layout of the two kernels (bwd_rows.cuh)."""
+        own, stream = self.own_stream(dkdv)
+        row = bucket * elem_bytes + 16
+        planes = 2 if self.split_stream else 1
+        total = 2 * own * row + 2 * self.stages * stream * row * planes
+        if dkdv:
+            total += 2 * self.stages * stream * 4
+            if dq_atomic:
+                total += 2 * own * (stream * elem_bytes + 16)
+        return total
+
+
+@dataclass(frozen=True)
+class KvTile:
+    """``bwd_dkdv_sm80.cu``: the three products cut into warp tiles with ``warps_n_sdp`` warps along
+    the keys for S and dP, ``warps_n_dkv`` along the keys for dK and dV and ``warps_m_dq`` along the
+    queries for dQ (the other warps along the other dimension)."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    warps_n_sdp: int
+    warps_n_dkv: int
+    warps_m_dq: int
+    stages: int = 2
+    min_blocks: int = 1
+    kk_unroll: int = 0  # unroll of the k16 loop of S and dP (0: full)
+    dq_unroll: int = 0  # unroll of the k16 loop of dQ (0: full)
+
+    def smem_bytes(self, bucket, elem_bytes, dkdv, dq_atomic):
+        row = bucket * 2 + 16
+        return (2 * self.block_n * row + self.stages * self.block_m * (2 * row + 8)
+                + 2 * self.block_n * (self.block_m * 2 + 16))
+
+
+@dataclass(frozen=True)
+class WgTile:
+    """``bwd_dkdv_sm90.cu``: each of ``warpgroups`` warpgroups owns 64 keys."""
+
+    block_m: int
+    warpgroups: int = 2
+    stages: int = 2
+    min_blocks: int = 1
+
+    @property
+    def block_n(self):
+        return 64 * self.warpgroups
+
+    @property
+    def warps(self):
+        return 4 * self.warpgroups
+
+    def smem_bytes(self, bucket, elem_bytes, dkdv, dq_atomic):
+        """Shared memory of the layout in bwd_dkdv_sm90.cu, with 1024 bytes to align its swizzled tiles."""
+        n, m = self.block_n, self.block_m
+        total = 2 * n * bucket * 2 + 2 * self.stages * m * bucket * 2 + 2 * self.stages * m * 4 + 1024
+        return total + (n * m * 2 if dq_atomic else 0)
+
+
+@dataclass(frozen=True)
+class BwdEntry:
+    dkdv: object  # RowsTile, KvTile or WgTile
+    dq: RowsTile
+
+
+def dkdv_source(tile):
+    """The dK/dV kernel of a tile (its type says which)."""
+    return {WgTile: "kernels/bwd_dkdv_sm90.cu", KvTile: "kernels/bwd_dkdv_sm80.cu",
+            RowsTile: "kernels/bwd_dkdv_f32.cu"}[type(tile)]
+
+
+DQ_SOURCE = "kernels/bwd_dq.cu"
+
+_R, _K, _W, _E = RowsTile, KvTile, WgTile, BwdEntry
+# sm90 entries fit 227 KiB of shared memory per CTA; sm80-family entries fit the 99 KiB of
+# sm_86/sm_89 (and so the A100's 163 KiB), except the atomic dK/dV variant of float32 at d = 256,
+# which there falls back to the dQ kernel.
+BWD_TILES = {
+    ("sm90", "16bit"): {
+        32: _E(_K(128, 128, 8, 4, 4, 4), _R(128, 64, 8)),
+        64: _E(_W(128), _R(128, 64, 8)),
+        96: _E(_K(64, 128, 8, 4, 4, 4), _R(128, 64, 8)),
+        128: _E(_W(64), _R(128, 64, 8)),
+        160: _E(_K(64, 64, 8, 4, 4, 4), _R(64, 64, 8, 2)),
+        192: _E(_K(64, 64, 8, 4, 4, 4), _R(64, 64, 8, 2)),
+        224: _E(_K(64, 64, 8, 4, 4, 4), _R(64, 64, 8, 2)),
+        256: _E(_K(64, 64, 8, 4, 4, 4), _R(64, 64, 8, 2)),
+    },
+    ("sm80", "16bit"): {
+        32: _E(_K(64, 64, 4, 2, 2, 2), _R(128, 64, 8)),
+        64: _E(_K(64, 64, 4, 2, 2, 2), _R(128, 64, 8)),
+        96: _E(_K(32, 64, 4, 2, 2, 2), _R(64, 64, 4)),
+        128: _E(_K(32, 64, 8, 4, 4, 2), _R(64, 32, 4)),
+        160: _E(_K(32, 32, 4, 2, 2, 2), _R(32, 16, 4, 2)),
+        192: _E(_K(32, 32, 4, 2, 2, 2), _R(32, 16, 4, 2)),
+        224: _E(_K(32, 32, 4, 2, 2, 2), _R(32, 16, 4, 2)),
+        256: _E(_K(32, 32, 4, 2, 2, 2, stages=1), _R(32, 16, 4, 2)),
+    },
+    ("sm90", "float32"): {
+        32: _E(_R(32, 128, 8, split_stream=True), _R(64, 32, 8, 2)),
+        64: _E(_R(32, 128, 8, split_stream=True), _R(64, 32, 8, 2)),
+        96: _E(_R(16, 128, 8, split_stream=True), _R(64, 32, 8, 2)),
+        128: _E(_R(16, 128, 8, split_stream=True), _R(64, 32, 8, 2)),
+        160: _E(_R(16, 64, 8, 2, split_stream=True), _R(32, 16, 8, 4)),
+        192: _E(_R(16, 64, 8, 2, split_stream=True), _R(32, 16, 8, 4)),
+        224: _E(_R(16, 64, 8, 2), _R(32, 16, 8, 4)),
+        256: _E(_R(16, 32, 8, 4), _R(32, 16, 8, 4)),
+    },
+    ("sm80", "float32"): {
+        32: _E(_R(16, 32, 4, 2), _R(32, 16, 4, 2)),
+        64: _E(_R(16, 32, 4, 2), _R(32, 16, 4, 2)),
+        96: _E(_R(16, 32, 4, 2), _R(32, 16, 4, 2)),
+        128: _E(_R(16, 32, 4, 2), _R(32, 16, 4, 2)),
+        160: _E(_R(16, 16, 4, 4), _R(16, 16, 4, 4)),
+        192: _E(_R(16, 16, 4, 4), _R(16, 16, 4, 4)),
+        224: _E(_R(16, 16, 4, 4), _R(16, 16, 4, 4)),
+        256: _E(_R(16, 16, 4, 4), _R(16, 16, 4, 4)),
+    },
+}
+
+_NP = {"float16": numpy.float16, "bfloat16": numpy.uint16, "float32": numpy.float32}
+
+
+def elem_bytes(dtype_name):
+    return numpy.dtype(_NP[dtype_name]).itemsize
+
+
+# As FWD_SPILL_TILES, for the backward. Key: (family, kind, bucket, SCORE_MODS, role), role
+# "dkdv_atomic", "dkdv" or "dq".
+BWD_SPILL_TILES = {}
+
+
+def bwd_entry(fam, dtype_name, head_dim, head_dim_v, mods=0):
+    """``(entry, bucket)`` of the backward for a family, dtype, head dims and SCORE_MODS; the entry's
+    dK/dV tile is the atomic variant's (``dkdv_tile`` gives either)."""
+    kind_name = kind(dtype_name)
+    bucket = head_dim_bucket(head_dim, head_dim_v)
+    base = BWD_TILES[(fam, kind_name)][bucket]
+    dq = BWD_SPILL_TILES.get((fam, kind_name, bucket, mods, "dq"), base.dq)
+    return BwdEntry(dkdv_tile(fam, dtype_name, bucket, mods, True), dq), bucket
+
+
+def dkdv_tile(fam, dtype_name, bucket, mods, dq_atomic):
+    """The dK/dV tile of one variant."""
+    kind_name = kind(dtype_name)
+    role = "dkdv_atomic" if dq_atomic else "dkdv"
+    return BWD_SPILL_TILES.get((fam, kind_name, bucket, mods, role), BWD_TILES[(fam, kind_name)][bucket].dkdv)
+
+
+def dkdv_defines(tile, bucket, dtype_name, dq_atomic, mods):
+    """The ``#define`` block of one dK/dV instantiation. SMEM_BYTES is the dynamic shared memory
+    the launcher will give it; the kernel checks it against its layout."""
+    common = {"HEAD_DIM": bucket, "DQ_ATOMIC": int(dq_atomic), "DTYPE": DTYPE_CODES[dtype_name],
+              "SCORE_MODS": mods, "MIN_BLOCKS": tile.min_blocks, "STAGES": tile.stages,
+              "SMEM_BYTES": tile.smem_bytes(bucket, elem_bytes(dtype_name), True, dq_atomic)}
+    if isinstance(tile, WgTile):
+        return {**common, "BLOCK_M": tile.block_m, "WARPGROUPS": tile.warpgroups}
+    if isinstance(tile, KvTile):
+        return {**common, "BLOCK_N": tile.block_n, "BLOCK_M": tile.block_m, "NUM_WARPS": tile.warps,
+                "WARPS_N_SDP": tile.warps_n_sdp, "WARPS_N_DKV": tile.warps_n_dkv, "WARPS_M_DQ": tile.warps_m_dq,
+                "KK_UNROLL": tile.kk_unroll or bucket // 16, "DQ_UNROLL": tile.dq_unroll or tile.block_n // 16}
+    return {**common, **_rows_defines(tile, bucket, True)}
+
+
+def dq_defines(tile, bucket, dtype_name, mods):
+    """The ``#define`` block of one dQ-kernel instantiation."""
+    return {"HEAD_DIM": bucket, "DTYPE": DTYPE_CODES[dtype_name], "SCORE_MODS": mods, "MIN_BLOCKS": tile.min_blocks,
+            "STAGES": tile.stages, "SMEM_BYTES": tile.smem_bytes(bucket, elem_bytes(dtype_name), False, False),
+            "DQ_ATOMIC": 0, **_rows_defines(tile, bucket, False)}
+
+
+def _rows_defines(tile, bucket, dkdv):
+    own, stream = tile.own_stream(dkdv)
+    return {"BLOCK_OWN": own, "BLOCK_STREAM": stream, "NUM_WARPS": tile.warps, "SPLIT_D": tile.split_d,
+            "KK_UNROLL": tile.kk_unroll or bucket // 16, "SPLIT_STREAM": int(tile.split_stream)}
+
+
+def aux_defines(dtype_name):
+    return {"DTYPE": DTYPE_CODES[dtype_name], "SCORE_MODS": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything that can be compiled, for the compile gate.
+# ---------------------------------------------------------------------------------------------
+
+SCORE_MOD_SETS = (0, 1, 2, 3)
+
+
+def instantiations(fam=None):
+    """Every ``(source, kernel, defines)`` a launcher can choose (on family ``fam`` only, if given).
+    An entry of the "sm90" family runs only on compute capability 9.x."""
+    seen = []
+
+    def add(entry):
+        if entry not in seen:
+            seen.append(entry)
+
+    for (f, kind_name), table in FWD_TILES.items():
+        if fam is not None and f != fam:
+            continue
+        for bucket in table:
+            for name in dtypes_of(kind_name):
+                for mods in SCORE_MOD_SETS:
+                    for vec in (1, 0):
+                        tile, _ = fwd_tile(f, name, bucket, bucket, mods, vec)
+                        add((FWD_SOURCE, FWD_KERNEL, fwd_defines(tile, bucket, name, vec, mods)))
+    for (f, kind_name), table in BWD_TILES.items():
+        if fam is not None and f != fam:
+            continue
+        for bucket in table:
+            for name in dtypes_of(kind_name):
+                for mods in SCORE_MOD_SETS:
+                    for atomic in (True, False):
+                        tile = dkdv_tile(f, name, bucket, mods, atomic)
+                        add((dkdv_source(tile), DKDV_KERNEL, dkdv_defines(tile, bucket, name, atomic, mods)))
+                    entry, _ = bwd_entry(f, name, bucket, bucket, mods)
+                    add((DQ_SOURCE, DQ_KERNEL, dq_defines(entry.dq, bucket, name, mods)))
+    for name in DTYPE_CODES:
+        add((AUX_SOURCE, PREPROCESS_KERNEL, aux_defines(name)))
+        add((AUX_SOURCE, CONVERT_KERNEL, aux_defines(name)))
+    return seen
