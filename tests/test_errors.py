@@ -14,6 +14,21 @@ def _arr(shape, dtype=F32):
 
 
 Q, K, V = _arr((2, 8, 4, 16)), _arr((2, 6, 2, 16)), _arr((2, 6, 2, 16))
+SLOPES = _arr((4,))  # (Hq,) for Q
+
+
+class _OtherFramework:
+    """A DLPack producer that is not NumPy: an array from a second framework."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
 
 # (description, q, k, v, options, exception, words the message must contain)
 FORWARD_CASES = [
@@ -40,6 +55,33 @@ FORWARD_CASES = [
     ("unknown backend", Q, K, V, {"backend": "triton"}, ValueError, ["backend", "triton"]),
     ("unknown alignment", Q, K, V, {"causal": True, "causal_alignment": "center"}, ValueError, ["causal_alignment", "center"]),
     ("non-bool causal", Q, K, V, {"causal": "yes"}, TypeError, ["causal", "str"]),
+    ("negative window left", Q, K, V, {"window": (-1, 2)}, ValueError, ["window left", "non-negative", "-1"]),
+    ("negative window right", Q, K, V, {"window": (None, -3)}, ValueError, ["window right", "non-negative", "-3"]),
+    ("float window side", Q, K, V, {"window": (2.0, 1)}, TypeError, ["window left", "int", "float"]),
+    ("string window side", Q, K, V, {"window": (4, "3")}, TypeError, ["window right", "int", "str"]),
+    ("bool window side", Q, K, V, {"window": (True, 0)}, TypeError, ["window left", "bool"]),
+    ("window of three", Q, K, V, {"window": (1, 2, 3)}, TypeError, ["window", "pair", "(1, 2, 3)"]),
+    ("window of one", Q, K, V, {"window": (4,)}, TypeError, ["window", "pair", "(4,)"]),
+    ("int window", Q, K, V, {"window": 4}, TypeError, ["window", "pair", "4"]),
+    ("causal with a right window", Q, K, V, {"causal": True, "window": (4, 2)}, ValueError,
+     ["causal=True", "right", "(4, 2)"]),
+    ("infinite softcap", Q, K, V, {"softcap": float("inf")}, ValueError, ["softcap", "finite", "inf"]),
+    ("nan softcap", Q, K, V, {"softcap": float("nan")}, ValueError, ["softcap", "finite", "nan"]),
+    ("negative softcap", Q, K, V, {"softcap": -1.5}, ValueError, ["softcap", "positive", "-1.5"]),
+    ("bool softcap", Q, K, V, {"softcap": True}, TypeError, ["softcap", "bool"]),
+    ("string softcap", Q, K, V, {"softcap": "30"}, TypeError, ["softcap", "str"]),
+    ("slopes of another head count", Q, K, V, {"alibi_slopes": _arr((5,))}, ValueError,
+     ["alibi_slopes", "(4,)", "(2, 4)", "(5,)"]),
+    ("slopes of another batch", Q, K, V, {"alibi_slopes": _arr((3, 4))}, ValueError,
+     ["alibi_slopes", "(2, 4)", "(3, 4)"]),
+    ("slopes with 3 dims", Q, K, V, {"alibi_slopes": _arr((2, 4, 1))}, ValueError, ["alibi_slopes", "(2, 4, 1)"]),
+    ("float64 slopes", Q, K, V, {"alibi_slopes": _arr((4,), numpy.float64)}, TypeError,
+     ["alibi_slopes", "float64", "float32"]),
+    ("float16 slopes", Q, K, V, {"alibi_slopes": _arr((4,), numpy.float16)}, TypeError,
+     ["alibi_slopes", "float16", "float32"]),
+    ("slopes as a list", Q, K, V, {"alibi_slopes": [0.5] * 4}, TypeError, ["alibi_slopes", "array", "list"]),
+    ("slopes from another framework", Q, K, V, {"alibi_slopes": _OtherFramework(SLOPES)}, TypeError,
+     ["alibi_slopes", "one framework"]),
 ]
 
 
@@ -65,10 +107,36 @@ def test_unknown_keyword_is_refused():
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ValueError) as info:
-        cuflash.attention(Q, _arr((3, 6, 2, 8)), _arr((3, 7, 1, 16)), scale=float("nan"), backend="gpu")
+        cuflash.attention(Q, _arr((3, 6, 2, 8)), _arr((3, 7, 1, 16)), scale=float("nan"), backend="gpu",
+                          window=(-1, None), softcap=-2.0, alibi_slopes=_arr((7,)))
     message = str(info.value)
-    for word in ("scale", "backend", "batch", "sequence length", "heads", "head_dim"):
+    for word in ("scale", "backend", "batch", "sequence length", "heads", "head_dim", "window", "softcap",
+                 "alibi_slopes"):
         assert word in message, f"{word!r} not in: {message}"
+
+
+def test_the_reference_refuses_what_attention_refuses():
+    with pytest.raises(ValueError, match="cuflash.reference.attention(.|\n)*window left"):
+        cuflash.reference.attention(Q, K, V, window=(-2, 0))
+    with pytest.raises(TypeError, match="alibi_slopes has dtype float64"):
+        cuflash.reference.attention_backward(Q, Q, K, V, alibi_slopes=_arr((4,), numpy.float64))
+
+
+@pytest.mark.parametrize("spelling", [
+    dict(window=[3, numpy.int64(0)], softcap=numpy.float32(2.5)),
+    dict(window=(numpy.int32(3), 0), softcap=2.5),
+    dict(causal=True, window=(3, None), softcap=2.5),
+    dict(causal=True, window=(3, 0), softcap=2.5),
+], ids=["list and numpy ints", "numpy int32", "causal, right None", "causal, right 0"])
+def test_equivalent_option_spellings_are_accepted_and_agree(spelling):
+    expected = cuflash.attention(Q, K, V, window=(3, 0), softcap=2.5, backend="numpy")
+    numpy.testing.assert_array_equal(cuflash.attention(Q, K, V, backend="numpy", **spelling), expected)
+
+
+@pytest.mark.parametrize("off", [None, 0, 0.0])
+def test_softcap_none_or_zero_is_off(off):
+    numpy.testing.assert_array_equal(cuflash.attention(Q, K, V, softcap=off, backend="numpy"),
+                                     cuflash.attention(Q, K, V, backend="numpy"))
 
 
 def _forward(q=Q, k=K, v=V):
@@ -83,13 +151,24 @@ BACKWARD_CASES = [
     ("lse dtype", lambda o, l: dict(dout=o, out=o, lse=l.astype(numpy.float64)), TypeError, ["lse", "float64", "float32"]),
     ("lse not an array", lambda o, l: dict(dout=o, out=o, lse=l.tolist()), TypeError, ["lse", "list"]),
     ("deterministic not bool", lambda o, l: dict(dout=o, out=o, lse=l, deterministic="yes"), TypeError, ["deterministic"]),
+    ("negative window", lambda o, l: dict(dout=o, out=o, lse=l, window=(None, -1)), ValueError,
+     ["window right", "-1"]),
+    ("nan softcap", lambda o, l: dict(dout=o, out=o, lse=l, softcap=float("nan")), ValueError,
+     ["softcap", "nan"]),
+    ("slopes shape", lambda o, l: dict(dout=o, out=o, lse=l, alibi_slopes=_arr((2, 3))), ValueError,
+     ["alibi_slopes", "(2, 3)"]),
 ]
 
 
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=[c[0] for c in BACKWARD_CASES])
-def test_bad_backward_input_is_refused_with_a_clear_message(case):
+def test_bad_backward_input_is_refused_with_a_clear_message(case, monkeypatch):
     _, make, exception, words = case
     out, lse = _forward()
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("an output was allocated before the input was checked")
+
+    monkeypatch.setattr(_dispatch, "_empty", no_allocation)
     kwargs = make(out, lse)
     with pytest.raises(exception) as info:
         cuflash.attention_backward(kwargs.pop("dout"), Q, K, V, kwargs.pop("out"), kwargs.pop("lse"), **kwargs)

@@ -101,7 +101,8 @@ def test_yardstick_in_float64_is_the_reference(case):
     (q, k, v, dout), options = _inputs(case)
     ref_out, _ = cuflash.reference.attention(q, k, v, **options)
     ref_grads = cuflash.reference.attention_backward(dout, q, k, v, **options)
-    for name, x, ref in zip(("out", "dq", "dk", "dv"), naive_same_dtype(q, k, v, dout, **options), (ref_out, *ref_grads)):
+    naive = naive_same_dtype(q, k, v, dout, **options)
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), naive, (ref_out, *ref_grads)):
         numpy.testing.assert_allclose(x, ref, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
