@@ -8,6 +8,7 @@ code would; its error is what that dtype can be expected to give on these inputs
 """
 
 import numpy
+from hypothesis import strategies as st
 
 import cuflash
 from cuflash._mask import MaskSpec
@@ -42,6 +43,13 @@ def make_inputs(rng, B, Sq, Sk, Hq, Hkv, D, Dv, dtype):
 
 def _rounder(dtype):
     return lambda x: numpy.asarray(x).astype(dtype).astype(numpy.float64)
+
+
+def windows(causal, sides):
+    """Strategy: window=None, or (left, right) with each side drawn from ``sides`` (which may hold
+    None, unbounded); with causal=True the right side is only None or 0, the values causal allows."""
+    right = st.sampled_from([None, 0]) if causal else sides
+    return st.one_of(st.none(), st.tuples(sides, right))
 
 
 def mask_of(Sq, Sk, *, causal=False, causal_alignment="bottom_right", window=None):

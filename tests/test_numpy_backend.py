@@ -13,17 +13,11 @@ from cuflash import _numpy_backend
 F32 = numpy.float32
 
 from .helpers import (DTYPES, alibi_bias, assert_close, assert_lse_close, magnitudes, make_inputs, mask_of,
-                      naive_same_dtype)
+                      naive_same_dtype, windows)
 
 SIZES = st.one_of(st.sampled_from([0, 1, 2, 3, 16, 17, 31, 33, 64]), st.integers(0, 80))
 # One side of a window: unbounded, tiny (a band a few keys wide), or anything up to past the sequence.
 WINDOW_SIDES = st.one_of(st.none(), st.sampled_from([0, 1, 3]), st.integers(0, 90))
-
-
-def windows(causal):
-    """None, or (left, right) with either side unbounded; causal allows only right = 0 (or None)."""
-    right = st.sampled_from([None, 0]) if causal else WINDOW_SIDES
-    return st.one_of(st.none(), st.tuples(WINDOW_SIDES, right))
 
 
 @st.composite
@@ -37,7 +31,7 @@ def cases(draw, dtypes=DTYPES):
         B=draw(st.integers(1, 2)), Sq=draw(SIZES), Sk=draw(SIZES), Hq=heads_kv * group, Hkv=heads_kv,
         D=head_dim, Dv=head_dim_v, dtype=draw(st.sampled_from(dtypes)),
         causal=causal, causal_alignment=draw(st.sampled_from(["bottom_right", "top_left"])),
-        window=draw(windows(causal)), softcap=draw(st.one_of(st.none(), st.floats(0.5, 50.0))),
+        window=draw(windows(causal, WINDOW_SIDES)), softcap=draw(st.one_of(st.none(), st.floats(0.5, 50.0))),
         alibi=draw(st.sampled_from([None, "head", "batch_head"])),
         scale=draw(st.one_of(st.none(), st.floats(0.01, 2.0))),
         # Small tiles so several query and key tiles, partial tails and skipped tiles outside the band occur.

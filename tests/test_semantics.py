@@ -13,19 +13,12 @@ from hypothesis import strategies as st
 
 import cuflash
 
-from .helpers import alibi_bias, make_inputs
+from .helpers import alibi_bias, make_inputs, mask_of, windows
 
 ALIGN = st.sampled_from(["bottom_right", "top_left"])
 SMALL_SIDES = st.one_of(st.none(), st.integers(0, 3))
 SLOPES = st.sampled_from([None, "head", "batch_head"])
 BACKENDS = ["numpy", "reference"]
-
-
-def _window(draw, causal, sides):
-    """None or (left, right) drawn from ``sides``; causal allows only right = 0 (or None)."""
-    if draw(st.booleans()):
-        return None
-    return draw(sides), draw(st.sampled_from([None, 0]) if causal else sides)
 
 
 def _slopes(seed, kind, B, Hq):
@@ -34,18 +27,10 @@ def _slopes(seed, kind, B, Hq):
     return None if shape is None else numpy.random.default_rng(seed).uniform(0.05, 1.0, shape).astype(numpy.float32)
 
 
-def _sees(i, j, Sq, Sk, alignment, window, causal):
-    """The contract's rule for query i and key j (broadcasting), written here from the contract."""
-    offset = Sk - Sq if alignment == "bottom_right" else 0
-    left, right = (None, None) if window is None else window
-    right = 0 if causal else right
-    i, j = numpy.broadcast_arrays(i, j)
-    seen = (j >= 0) & (j < Sk)
-    if left is not None:
-        seen = seen & (j >= i + offset - left)
-    if right is not None:
-        seen = seen & (j <= i + offset + right)
-    return seen
+def _seen(Sq, Sk, options):
+    """The (Sq, Sk) visibility matrix of a call's options (others than the mask's are ignored)."""
+    return mask_of(Sq, Sk, causal=options.get("causal", False), window=options.get("window"),
+                   causal_alignment=options.get("causal_alignment", "bottom_right")).matrix()
 
 
 def _run(backend, dout, q, k, v, **options):
@@ -67,7 +52,7 @@ def _f64_inputs(seed, B, Sq, Sk, Hq, Hkv, D, Dv):
 def test_reference_gradients_match_finite_differences(seed, Sq, Sk, group, D, Dv, causal, alignment, softcap, slopes,
                                                       data):
     q, k, v, dout = _f64_inputs(seed, 1, Sq, Sk, group, 1, D, Dv)
-    options = dict(causal=causal, causal_alignment=alignment, window=_window(data.draw, causal, SMALL_SIDES),
+    options = dict(causal=causal, causal_alignment=alignment, window=data.draw(windows(causal, SMALL_SIDES)),
                    softcap=softcap, alibi_slopes=_slopes(seed, slopes, 1, group), scale=0.7)
 
     def loss(q_, k_, v_):
@@ -106,8 +91,7 @@ def test_each_output_row_is_a_convex_combination_of_value_rows(seed, Sq, Sk, cau
     c = dtype(rng.standard_normal())
     v[..., 0] = c  # a constant column: weights that sum to one reproduce it
     out = cuflash.attention(q, k, v, causal=causal, causal_alignment=alignment, backend="numpy")
-    offset = Sk - Sq if alignment == "bottom_right" else 0
-    seen = numpy.arange(Sq) + offset >= 0 if causal else numpy.ones(Sq, bool)
+    seen = _seen(Sq, Sk, dict(causal=causal, causal_alignment=alignment)).any(axis=1)
     lo, hi = v.min(axis=1)[:, None], v.max(axis=1)[:, None]  # (B, 1, Hkv, Dv), broadcast over rows and heads
     eps = 4 * numpy.finfo(dtype).eps * numpy.abs(v).max()
     rows = out[:, seen]
@@ -120,15 +104,16 @@ def test_each_output_row_is_a_convex_combination_of_value_rows(seed, Sq, Sk, cau
 def test_rows_ignore_keys_outside_their_band(seed, Sq, Sk, alignment, causal, softcap, slopes, data):
     """Keys a row cannot see (causal or window) may hold anything: its out, lse and dq stay bit for
     bit the same, and keys that no row sees get dk = dv = 0 exactly."""
-    window = _window(data.draw, causal, st.one_of(st.none(), st.integers(0, 8), st.integers(0, 60)))
+    window = data.draw(windows(causal, st.one_of(st.none(), st.integers(0, 8), st.integers(0, 60))))
     q, k, v, dout = _f64_inputs(seed, 1, Sq, Sk, 2, 2, 8, 8)
     i = numpy.random.default_rng(seed).integers(Sq)
-    hidden = ~_sees(i, numpy.arange(Sk), Sq, Sk, alignment, window, causal)
+    seen = _seen(Sq, Sk, dict(causal=causal, causal_alignment=alignment, window=window))
+    hidden = ~seen[i]
     options = dict(causal=causal, causal_alignment=alignment, window=window, softcap=softcap,
                    alibi_slopes=_slopes(seed, slopes, 1, 2), backend="numpy")
     out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
     dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, **options)
-    unseen = ~_sees(numpy.arange(Sq)[:, None], numpy.arange(Sk)[None, :], Sq, Sk, alignment, window, causal).any(0)
+    unseen = ~seen.any(axis=0)
     assert numpy.all(dk[:, unseen] == 0) and numpy.all(dv[:, unseen] == 0)
     if not hidden.any():
         return
@@ -161,9 +146,7 @@ MASKED_ROW_CASES = [
 def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradients(backend, Sq, Sk, options):
     q, k, v, dout = _f64_inputs(11, 2, Sq, Sk, 4, 2, 8, 8)
     options = dict(options, alibi_slopes=_slopes(11, options.get("alibi_slopes"), 2, 4))
-    masked = ~_sees(numpy.arange(Sq)[:, None], numpy.arange(Sk)[None, :], Sq, Sk,
-                    options.get("causal_alignment", "bottom_right"), options.get("window"),
-                    options.get("causal", False)).any(axis=1)
+    masked = ~_seen(Sq, Sk, options).any(axis=1)
     assert masked.any() and (Sk == 0 or not masked.all()), "the case must have rows of both kinds"
     out, lse, dq, dk, dv = _run(backend, dout, q, k, v, **options)
     for x in (out, lse, dq, dk, dv):
@@ -206,7 +189,7 @@ def test_softcap_bounds_the_logits(backend, cap):
     options = dict(causal=True, causal_alignment="top_left", scale=30.0)
     out, lse = _run(backend, dout, q, k, v, softcap=cap, **options)[:2]
     uncapped = _run(backend, dout, q, k, v, **options)[0]
-    seen = _sees(numpy.arange(Sq)[:, None], numpy.arange(Sk)[None, :], Sq, Sk, "top_left", None, True)
+    seen = _seen(Sq, Sk, options)
     count = seen.sum(axis=1)
     for i in range(Sq):
         P = out[0, i][:, seen[i]]  # (heads, visible keys)
@@ -231,8 +214,7 @@ def test_alibi_equals_an_explicit_distance_bias(backend, slopes, options, Sq, Sk
     K, V = (numpy.repeat(x.transpose(0, 2, 1, 3), Hq // Hkv, axis=1) for x in (k, v))
     logits = scale * (q.transpose(0, 2, 1, 3) @ K.transpose(0, 1, 3, 2)) + alibi_bias(alibi_slopes, B, Hq, Sq, Sk,
                                                                                         offset)
-    seen = _sees(numpy.arange(Sq)[:, None], numpy.arange(Sk)[None, :], Sq, Sk, alignment, options.get("window"),
-                 options.get("causal", False))
+    seen = _seen(Sq, Sk, options)
     E = numpy.where(seen, numpy.exp(logits), 0.0)
     total = E.sum(axis=-1, keepdims=True)
     with numpy.errstate(divide="ignore", invalid="ignore"):  # rows that see no key: log 0 = −inf, P = 0
