@@ -118,14 +118,6 @@ class Spec:
         self.ndim = len(self.shape)
 
 
-def _frozen(value):
-    """A hashable key for an option value that tells apart values the checks tell apart
-    (``True`` from ``1``, ``(4, 0)`` from ``[4, 0]``)."""
-    if isinstance(value, (tuple, list)):
-        return type(value), tuple(_frozen(v) for v in value)
-    return type(value), value
-
-
 _PLANS = {}
 _MAX_PLANS = 1024
 

@@ -304,39 +304,45 @@ def _torch_dtype(dtype):
 def _torch_view(tensor, dtype):
     """A float tensor as a NumPy (CPU) or CuPy (CUDA) array of ``dtype`` over the same memory, with
     its strides. bfloat16 passes as int16, which NumPy can view, and is relabelled on arrival."""
-    if tensor.requires_grad:
-        tensor = tensor.detach()
     if tensor.is_cuda:
-        itemsize = tensor.element_size()
-        return _cupy_view(tensor.data_ptr(), tuple(tensor.shape), tuple(s * itemsize for s in tensor.stride()),
-                          dtype, tensor.get_device())
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride(), dtype)
+        view = _CUDA_VIEWS.get(key)
+        if view is None:
+            itemsize = tensor.element_size()
+            view = _cache_view(key, _cupy_view(key[0], tuple(key[1]), tuple(s * itemsize for s in key[2]), dtype,
+                                               tensor.get_device()))
+        return view
+    if tensor.requires_grad:  # Tensor.numpy refuses tensors that require grad; a detached view is the same memory
+        tensor = tensor.detach()
     torch = sys.modules["torch"]
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(dtype)
     return tensor.numpy()
 
 
-# CuPy arrays over callers' GPU memory, by (pointer, shape, byte strides, dtype, device). Building
-# one costs several microseconds, a lookup about one. The arrays own nothing: one is used only
-# while the caller passes memory with exactly that address and layout, which keeps it alive for
-# the call, so an entry whose memory was freed since is never read. Emptied past a bound.
+# CuPy arrays over callers' GPU memory, keyed by address, layout and dtype (torch tensors) or
+# address, shape and dtype (XLA's row-major buffers). Building one costs several microseconds, a
+# lookup about one. The arrays own nothing: one is used only while the caller passes memory with
+# exactly that address and layout, which keeps it alive for the call, so an entry whose memory
+# was freed since is never read. Emptied past a bound.
 _CUDA_VIEWS = {}
 
 
-def _cupy_view(pointer, shape, strides, dtype, device_id):
-    key = (pointer, shape, strides, dtype, device_id)
-    view = _CUDA_VIEWS.get(key)
-    if view is None:
-        cupy = _cupy()
-        itemsize = numpy.dtype(dtype).itemsize
-        # The span the strides reach, which is what CuPy's bookkeeping of the memory needs.
-        extent = itemsize + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
-        memory = cupy.cuda.UnownedMemory(pointer, extent, None, device_id)
-        view = cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0), strides=strides)
-        if len(_CUDA_VIEWS) >= 4 * _MAX_CACHED:
-            _CUDA_VIEWS.clear()
-        _CUDA_VIEWS[key] = view
+def _cache_view(key, view):
+    if len(_CUDA_VIEWS) >= 4 * _MAX_CACHED:
+        _CUDA_VIEWS.clear()
+    _CUDA_VIEWS[key] = view
     return view
+
+
+def _cupy_view(pointer, shape, strides, dtype, device_id):
+    """A CuPy array over memory it does not own (see ``_CUDA_VIEWS``); strides in bytes."""
+    cupy = _cupy()
+    itemsize = numpy.dtype(dtype).itemsize
+    # The span the strides reach, which is what CuPy's bookkeeping of the memory needs.
+    extent = itemsize + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
+    memory = cupy.cuda.UnownedMemory(pointer, extent, None, device_id)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0), strides=strides)
 
 
 _TORCH_ALLOCATORS = {}
@@ -488,8 +494,20 @@ def buffer_array(buffer):
     except (AttributeError, BufferError, KeyError, TypeError, ValueError):
         # No array interface for this dtype: DLPack, with bfloat16 carried as uint16.
         return cupy.from_dlpack(_Relabelled(buffer, _BFLOAT, _UINT)).view(dtype)
-    strides = tuple(numpy.cumprod((dtype.itemsize,) + shape[:0:-1])[::-1].tolist()) if shape else ()
-    return _cupy_view(pointer, shape, strides, dtype, device_id)
+    key = (pointer, shape, dtype)
+    view = _CUDA_VIEWS.get(key)
+    if view is None:
+        view = _cache_view(key, _cupy_view(pointer, shape, _row_major_strides(shape, dtype.itemsize), dtype,
+                                           device_id))
+    return view
+
+
+def _row_major_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def _raise(what, problems):

@@ -51,17 +51,17 @@ def _options(causal, causal_alignment, window_left, window_right, softcap, scale
 # can state: the window as two optional ints, softcap 0.0 for none, and the backend ("numpy" for
 # CPU tensors, "auto" for CUDA ones). ``deterministic`` rides on the forward for the backward.
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
-                causal: bool, causal_alignment: str, window_left: Optional[int], window_right: Optional[int],
-                softcap: float, scale: Optional[float], deterministic: bool,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+             causal: bool, causal_alignment: str, window_left: Optional[int], window_right: Optional[int],
+             softcap: float, scale: Optional[float], deterministic: bool,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     options = _options(causal, causal_alignment, window_left, window_right, softcap, scale)
     return _api._forward(q, k, v, alibi_slopes, options, backend, _WHAT)
 
 
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, alibi_slopes: Optional[torch.Tensor], causal: bool, causal_alignment: str,
-                 window_left: Optional[int], window_right: Optional[int], softcap: float, scale: Optional[float],
-                 deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              lse: torch.Tensor, alibi_slopes: Optional[torch.Tensor], causal: bool, causal_alignment: str,
+              window_left: Optional[int], window_right: Optional[int], softcap: float, scale: Optional[float],
+              deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     options = _options(causal, causal_alignment, window_left, window_right, softcap, scale)
     options["deterministic"] = deterministic
     return _api._backward(dout, q, k, v, out, lse, alibi_slopes, options, backend, _WHAT)
@@ -166,7 +166,9 @@ def _checked_options(causal, causal_alignment, window, softcap, scale, determini
     are remembered, so a repeated call only looks them up."""
     if torch.compiler.is_compiling():  # traced once per compilation: nothing to remember
         return _check_options(causal, causal_alignment, window, softcap, scale, deterministic)
-    key = _api._frozen((causal, causal_alignment, window, softcap, scale, deterministic))
+    values = (causal, causal_alignment, window, softcap, scale, deterministic)
+    # Types beside values, so that values the checks tell apart (True and 1) make different keys.
+    key = (values, tuple(map(type, values)), tuple(map(type, window)) if type(window) is tuple else None)
     try:
         return _CHECKED[key]
     except KeyError:

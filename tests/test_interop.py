@@ -192,3 +192,27 @@ def test_adapters_say_what_is_missing(monkeypatch, module, framework):
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ImportError, match=rf"{module} needs {framework}.*rest of cuflash works without it"):
         importlib.import_module(module)
+
+
+def test_repeated_calls_check_their_arguments_once(monkeypatch):
+    from cuflash import _api
+
+    q, k, v, _ = _inputs(11)
+    checks = []
+    original = _api.check_forward
+    monkeypatch.setattr(_api, "check_forward", lambda *a, **kw: checks.append(1) or original(*a, **kw))
+    first = cuflash.attention(q, k, v, causal=True, scale=0.3, backend="numpy")
+    second = cuflash.attention(q.copy(), k.copy(), v.copy(), causal=True, scale=0.3, backend="numpy")
+    assert len(checks) == 1 and numpy.array_equal(first, second)
+    cuflash.attention(q[:, :4], k, v, causal=True, scale=0.3, backend="numpy")  # another shape: checked
+    assert len(checks) == 2
+
+
+def test_cached_checks_still_refuse_values_equal_to_valid_ones():
+    # 1 == True and (4.0, 0) == (4, 0): a cache keyed on values alone would let these through.
+    q, k, v, _ = _inputs(12)
+    cuflash.attention(q, k, v, causal=True, window=(4, 0), backend="numpy")
+    with pytest.raises(TypeError, match=r"causal must be a bool, got int"):
+        cuflash.attention(q, k, v, causal=1, window=(4, 0), backend="numpy")
+    with pytest.raises(TypeError, match=r"window left size must be a non-negative int or None, got float"):
+        cuflash.attention(q, k, v, causal=True, window=(4.0, 0), backend="numpy")

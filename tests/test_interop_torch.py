@@ -319,3 +319,13 @@ def test_adapter_refuses_bad_new_options_naming_them():
         cuflash.torch.attention(q, k, v, alibi_slopes=numpy.ones(4, numpy.float32))
     with pytest.raises(ValueError, match=r"softcap must be positive"):
         cuflash.torch.attention(q, k, v, softcap=-1.0)
+
+
+def test_adapter_option_cache_still_refuses_values_equal_to_valid_ones():
+    # 1 == True: the adapter remembers valid option sets, keyed by type as well as value.
+    q, k, v, _ = _tensors(31, torch.float32)
+    cuflash.torch.attention(q, k, v, causal=True)
+    with pytest.raises(TypeError, match=r"causal must be a bool, got int"):
+        cuflash.torch.attention(q, k, v, causal=1)
+    with pytest.raises(TypeError, match=r"deterministic must be a bool, got int"):
+        cuflash.torch.attention(q, k, v, causal=True, deterministic=0)
