@@ -150,7 +150,8 @@ def backward(dout, q, k, v, out, lse, slopes, dq, dk, dv, problem):
             dS_ij = _score_mod.score_grad(P_ij * (dP_ij - D[..., i0:i1, None]), S_ij, problem)
             dQ_i += dS_ij @ K[..., j0:j1, :]
             dK[..., j0:j1, :] += _contract_rows(dS_ij, Q_i)
-        dQ[..., i0:i1, :] = dQ_i * scale
+        # A NaN in V reaches a fully masked row's dS as 0 · NaN within a shared tile; its dQ is 0 by rule.
+        dQ[..., i0:i1, :] = numpy.where(masked[..., i0:i1, None], 0, dQ_i * scale)
     dq[...] = dQ.reshape(B, Hq, Sq, q.shape[-1]).transpose(0, 2, 1, 3)
     dk[...] = (dK * scale).transpose(0, 2, 1, 3)
     dv[...] = dV.transpose(0, 2, 1, 3)

@@ -65,7 +65,8 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
     arrays, slopes, problem = _checked("cuflash.reference.attention", options, alibi_slopes, q=q, k=k, v=v)
     _, P, lse = _scores_and_probabilities(problem, slopes, arrays["q"], arrays["k"])
-    out = P @ _bhsd(arrays["v"], problem.group_size)
+    # A row that sees no key has out = 0 whatever V holds (P = 0 times a NaN would not be 0).
+    out = numpy.where(numpy.isneginf(lse)[..., None], 0.0, P @ _bhsd(arrays["v"], problem.group_size))
     return out.transpose(0, 2, 1, 3), lse
 
 
@@ -87,10 +88,12 @@ def attention_backward(dout, q, k, v, *, causal=False, causal_alignment="bottom_
     g = problem.group_size
     S, P, _ = _scores_and_probabilities(problem, slopes, arrays["q"], arrays["k"])
     Q, K, V, dO = _bhsd(arrays["q"]), _bhsd(arrays["k"], g), _bhsd(arrays["v"], g), _bhsd(arrays["dout"])
-    # A row that sees no key passes on no gradient, whatever its dO holds (0 · NaN would not be 0).
-    dO = numpy.where(problem.mask.matrix().any(axis=-1)[:, None], dO, 0.0)
+    # Only visible pairs enter the Jacobian, and a row that sees no key passes on no gradient,
+    # whatever its dO or the hidden values hold (0 · NaN would not be 0).
+    seen = problem.mask.matrix()
+    dO = numpy.where(seen.any(axis=-1)[:, None], dO, 0.0)
     dV = P.transpose(0, 1, 3, 2) @ dO
-    dP = dO @ V.transpose(0, 1, 3, 2)
+    dP = numpy.where(seen, dO @ V.transpose(0, 1, 3, 2), 0.0)
     dS = _score_mod.score_grad(P * (dP - (P * dP).sum(axis=-1, keepdims=True)), S, problem)
     dQ = problem.scale * (dS @ K)
     dK = problem.scale * (dS.transpose(0, 1, 3, 2) @ Q)

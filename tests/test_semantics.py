@@ -162,6 +162,12 @@ def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradients(bac
     assert numpy.all(dq2[:, masked] == 0)
     numpy.testing.assert_array_equal(dk2, dk)
     numpy.testing.assert_array_equal(dv2, dv)
+    if Sk:  # a NaN in V leaves the masked rows' out, lse and dq as the rule says
+        v3 = v.copy()
+        v3[:, Sk // 2] = numpy.nan
+        out3, lse3, dq3, _, _ = _run(backend, dout2, q, k, v3, **options)
+        assert numpy.all(out3[:, masked] == 0) and numpy.all(numpy.isneginf(lse3[:, :, masked]))
+        assert numpy.all(dq3[:, masked] == 0)
 
 
 def test_causal_alignments_match_the_contract_diagrams():
