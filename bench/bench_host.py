@@ -10,11 +10,10 @@ the median. The GPU is synchronized every ``SYNC_EVERY`` calls, outside the time
 launch queue never fills up and blocks a launch.
 
 Then it profiles the cuflash calls step by step: each step's functions are wrapped in timers that
-count their own time only (time spent in a nested step counts for that step), and the table gives
-the median per call of each step; "rest" is the median instrumented call less the steps and less
-the timers' own cost (measured, times the number of timed calls), mostly the adapter's and
-autograd's Python. Steps inside a step count only their own time (a launch is not part of
-"backend, rest").
+count their own time only (time spent in a nested step counts for that step: a launch is not part
+of "backend, rest"), and the table gives the median per call of each step; "rest" is the median
+instrumented call less the steps and less the timers' own cost (measured, times the number of
+timed calls), mostly the adapter's and autograd's Python.
 
 Without a GPU everything runs on the CPU: cuflash's NumPy backend computes the attention inside
 the call, so its time is part of what is measured (the "NumPy backend compute" row) and the
