@@ -329,3 +329,19 @@ def test_adapter_option_cache_still_refuses_values_equal_to_valid_ones():
         cuflash.torch.attention(q, k, v, causal=1)
     with pytest.raises(TypeError, match=r"deterministic must be a bool, got int"):
         cuflash.torch.attention(q, k, v, causal=True, deterministic=0)
+
+
+def test_torch_compile_with_dynamic_shapes_traces_one_graph_for_all_lengths():
+    # The fake functions run the checks on symbolic sizes; no recompilation per sequence length.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(lambda q, k, v: cuflash.torch.attention(q, k, v, causal=True), fullgraph=True,
+                             dynamic=True, backend="aot_eager")
+    for Sq, Sk in ((5, 7), (9, 11), (13, 6)):
+        q, k, v, dout = _tensors(32 + Sq, torch.float32, Sq=Sq, Sk=Sk, requires_grad=True)
+        out = compiled(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        expected = cuflash.torch.attention(q, k, v, causal=True)
+        assert torch.equal(out, expected)
+        assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(expected, (q, k, v), dout)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
