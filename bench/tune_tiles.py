@@ -32,24 +32,28 @@ def compiles(source, kernel, defines, arch):
         return False
 
 
+# Register caps to try, highest first: ptxas may schedule more loads ahead under a higher cap
+# and spill where a lower one fits (seen at float32, d = 192 and 256).
+CAPS = (255, 232, 216, 200, 184, 176, 168, 160, 152, 144, 128)
+
+
 def fwd_candidates(tile, kind_name):
     smallest_n = 16 if kind_name == "16bit" else 8
-    out = []
+    shapes = [tile]
     if tile.min_blocks > 1:
-        out.append(replace(tile, min_blocks=1))
-    if 0 < tile.max_regs < 255:
-        out.append(replace(tile, max_regs=255))
+        shapes.append(replace(tile, min_blocks=1))
     n = tile.block_n // 2
     while n >= smallest_n:
-        out.append(replace(tile, block_n=n, min_blocks=1))
+        shapes.append(replace(tile, block_n=n, min_blocks=1))
         n //= 2
     if tile.block_m // 2 >= 16 * tile.warps:
-        out.append(replace(tile, block_m=tile.block_m // 2, min_blocks=1))
+        shapes.append(replace(tile, block_m=tile.block_m // 2, min_blocks=1))
     if tile.warps > 1 and tile.block_m // 2 >= 16 * (tile.warps // 2):
-        out.append(replace(tile, block_m=tile.block_m // 2, warps=tile.warps // 2, min_blocks=1))
-        if tile.max_regs:
-            out.append(replace(tile, block_m=tile.block_m // 2, warps=tile.warps // 2, min_blocks=1, max_regs=255))
-    return out
+        shapes.append(replace(tile, block_m=tile.block_m // 2, warps=tile.warps // 2, min_blocks=1))
+    out = []
+    for shape in shapes:
+        out += [shape] + [replace(shape, max_regs=cap) for cap in CAPS if cap != shape.max_regs]
+    return out[1:]
 
 
 def bwd_candidates(tile, bucket):

@@ -138,12 +138,12 @@ def _check_window(problems, window, causal):
             sides.append(None)
         elif not _is_int(size):
             problems.type(f"window {side} size must be a non-negative int or None, got {type(size).__name__}")
-            return None
         elif size < 0:
             problems.value(f"window {side} size must be non-negative (None for unbounded), got {size}")
-            return None
         else:
             sides.append(int(size))
+    if len(sides) != 2:
+        return None
     left, right = sides
     if causal is True or causal is numpy.True_:
         if right not in (None, 0):

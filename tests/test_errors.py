@@ -57,6 +57,8 @@ FORWARD_CASES = [
     ("non-bool causal", Q, K, V, {"causal": "yes"}, TypeError, ["causal", "str"]),
     ("negative window left", Q, K, V, {"window": (-1, 2)}, ValueError, ["window left", "non-negative", "-1"]),
     ("negative window right", Q, K, V, {"window": (None, -3)}, ValueError, ["window right", "non-negative", "-3"]),
+    # Both sides bad: both are reported, not only the first.
+    ("both window sides negative", Q, K, V, {"window": (-1, -2)}, ValueError, ["window left", "-1", "window right", "-2"]),
     ("float window side", Q, K, V, {"window": (2.0, 1)}, TypeError, ["window left", "int", "float"]),
     ("string window side", Q, K, V, {"window": (4, "3")}, TypeError, ["window right", "int", "str"]),
     ("bool window side", Q, K, V, {"window": (True, 0)}, TypeError, ["window left", "bool"]),

@@ -345,13 +345,15 @@ __device__ __forceinline__ void tile_step(const FwdParams& p, const TileLoop& c,
     // plain unmasked tiles leave the scaling to the softmax's exp2. This lane's columns are
     // col0 + nt * 8 + e, e in {0, 1}.
     const int col0 = (c.n_last - it) * kBlockN + 2 * (c.lane & 3);
+    // ALiBi distance i + offset - j of row_w and column col0 (exact as a float up to 2^24).
+    const float dist_w = kAlibi ? static_cast<float>(row_w + p.mask_offset - col0) : 0.f;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const int d = mt * 16 + hh * 8;  // this row's offset from row_w
             if constexpr (kScoreMods) {
-                const float dist0 = kAlibi ? static_cast<float>(row_w + d + p.mask_offset - col0) : 0.f;
+                const float dist0 = dist_w + static_cast<float>(d);
 #pragma unroll
                 for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll

@@ -87,7 +87,8 @@ def strides(x):
 
 
 def window_side(size):
-    return UNBOUNDED if size is None else size
+    """A window side as the kernels take it: beyond UNBOUNDED a bound bounds nothing."""
+    return UNBOUNDED if size is None else min(size, UNBOUNDED)
 
 
 def forward(problem, q, k, v, out, lse, slopes, num_m_blocks, vec_out):

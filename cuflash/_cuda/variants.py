@@ -149,7 +149,26 @@ FWD_TILES = {
 # Tiles of the variants that spill registers with the table's tile: a score modifier or the
 # element-wise loading path keeps more values live. Key: (family, kind, bucket, SCORE_MODS, vec).
 # bench/tune_tiles.py finds them (the first spill-free alternative in a fixed order of candidates).
-FWD_SPILL_TILES = {}
+FWD_SPILL_TILES = {
+    ('sm90', '16bit', 64, 3, True): _F(block_m=128, block_n=64, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', '16bit', 96, 0, False): _F(block_m=128, block_n=32, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 32, 0, False): _F(block_m=128, block_n=64, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 32, 1, False): _F(block_m=128, block_n=64, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 32, 2, True): _F(block_m=128, block_n=64, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 32, 3, True): _F(block_m=128, block_n=64, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 160, 2, True): _F(block_m=128, block_n=32, warps=8, stages=2, min_blocks=1, max_regs=255, split_q=False),
+    ('sm90', 'float32', 160, 2, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=160, split_q=False),
+    ('sm90', 'float32', 160, 3, True): _F(block_m=128, block_n=32, warps=8, stages=2, min_blocks=1, max_regs=255, split_q=False),
+    ('sm90', 'float32', 160, 3, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=160, split_q=False),
+    ('sm90', 'float32', 192, 0, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 0, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 1, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 1, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 2, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 2, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 3, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 3, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+}
 
 
 def fwd_tile(fam, dtype_name, head_dim, head_dim_v, mods=0, vec=True):
@@ -336,7 +355,32 @@ def elem_bytes(dtype_name):
 
 # As FWD_SPILL_TILES, for the backward. Key: (family, kind, bucket, SCORE_MODS, role), role
 # "dkdv_atomic", "dkdv" or "dq".
-BWD_SPILL_TILES = {}
+BWD_SPILL_TILES = {
+    ('sm90', '16bit', 32, 3, 'dkdv_atomic'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=1, dq_unroll=1),
+    ('sm90', '16bit', 32, 3, 'dkdv'): _K(block_m=128, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=1, dq_unroll=0),
+    ('sm90', '16bit', 64, 1, 'dkdv'): _W(block_m=64, warpgroups=2, stages=2, min_blocks=1),
+    ('sm90', '16bit', 64, 2, 'dkdv_atomic'): _W(block_m=64, warpgroups=2, stages=2, min_blocks=1),
+    ('sm90', '16bit', 64, 2, 'dkdv'): _W(block_m=64, warpgroups=2, stages=2, min_blocks=1),
+    ('sm90', '16bit', 64, 3, 'dkdv_atomic'): _W(block_m=64, warpgroups=2, stages=2, min_blocks=1),
+    ('sm90', '16bit', 64, 3, 'dkdv'): _W(block_m=64, warpgroups=2, stages=2, min_blocks=1),
+    ('sm90', '16bit', 96, 3, 'dkdv_atomic'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=3, dq_unroll=0),
+    ('sm90', '16bit', 96, 3, 'dkdv'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
+    ('sm90', '16bit', 128, 2, 'dkdv_atomic'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
+    ('sm90', '16bit', 128, 2, 'dkdv'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
+    ('sm90', '16bit', 128, 3, 'dkdv_atomic'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
+    ('sm90', '16bit', 128, 3, 'dkdv'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
+    ('sm90', '16bit', 224, 0, 'dq'): _R(block_m=64, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=7, split_stream=False),
+    ('sm90', '16bit', 224, 2, 'dq'): _R(block_m=64, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=7, split_stream=False),
+    ('sm90', '16bit', 224, 3, 'dq'): _R(block_m=64, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=7, split_stream=False),
+    ('sm90', '16bit', 256, 0, 'dq'): _R(block_m=64, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=8, split_stream=False),
+    ('sm90', '16bit', 256, 1, 'dq'): _R(block_m=64, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=8, split_stream=False),
+    ('sm90', '16bit', 256, 3, 'dkdv'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=8, dq_unroll=0),
+    ('sm90', 'float32', 128, 1, 'dkdv_atomic'): _R(block_m=16, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=0, split_stream=True),
+    ('sm90', 'float32', 128, 2, 'dkdv_atomic'): _R(block_m=16, block_n=128, warps=8, split_d=1, stages=2, min_blocks=1, kk_unroll=0, split_stream=False),
+    ('sm90', 'float32', 224, 1, 'dkdv_atomic'): _R(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=0, split_stream=False),
+    ('sm90', 'float32', 224, 2, 'dkdv_atomic'): _R(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=0, split_stream=False),
+    ('sm90', 'float32', 224, 3, 'dkdv_atomic'): _R(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=0, split_stream=False),
+}
 
 
 def bwd_entry(fam, dtype_name, head_dim, head_dim_v, mods=0):
