@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cuflash  # noqa: E402
+from cuflash._mask import MaskSpec  # noqa: E402
 
 try:
     import torch
@@ -81,6 +82,12 @@ def median_ms(fn, warmup=3, iters=20, budget_s=3.0):
     return float(np.median(times))
 
 
+def causal_mask(n, rows=None):
+    """The (rows, n) causal mask of an n x n problem as a CuPy array, from MaskSpec (rows: all)."""
+    rows = np.arange(n)[:, None] if rows is None else rows
+    return cp.asarray(MaskSpec(n, n, 0, None, 0).visible(rows, np.arange(n)[None, :]))
+
+
 def reference_rows(q, k, v, causal):
     """float64 (out rows) for the first ERROR_ROWS queries of the first ERROR_HEADS heads of batch 0."""
     n = q.shape[1]
@@ -94,7 +101,7 @@ def reference_rows(q, k, v, causal):
         V = v[0, :, h].astype(cp.float64)
         S = (Q @ K.T) / math.sqrt(q.shape[3])
         if causal:
-            S = cp.where(cp.arange(n)[None, :] <= idx[:, None], S, -cp.inf)
+            S = cp.where(causal_mask(n, idx.get()[:, None]), S, -cp.inf)
         S -= S.max(axis=1, keepdims=True)
         P = cp.exp(S)
         P /= P.sum(axis=1, keepdims=True)
@@ -108,7 +115,7 @@ def reference_grads(q, k, v, do, causal):
     n, scale = q.shape[1], 1.0 / math.sqrt(q.shape[3])
     S = (Q @ K.T) * scale
     if causal:
-        S = cp.where(cp.arange(n)[None, :] <= cp.arange(n)[:, None], S, -cp.inf)
+        S = cp.where(causal_mask(n), S, -cp.inf)
     S -= S.max(axis=1, keepdims=True)
     P = cp.exp(S)
     P /= P.sum(axis=1, keepdims=True)
@@ -160,8 +167,7 @@ def naive_cupy(q, k, v, causal):
     Q, K, V = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     S = (Q @ K.transpose(0, 1, 3, 2)).astype(cp.float32) * (1.0 / math.sqrt(q.shape[3]))
     if causal:
-        n = q.shape[1]
-        S = cp.where(cp.arange(n)[None, :] <= cp.arange(n)[:, None], S, -cp.inf)
+        S = cp.where(causal_mask(q.shape[1]), S, -cp.inf)
     S -= S.max(axis=-1, keepdims=True)
     P = cp.exp(S)
     P /= P.sum(axis=-1, keepdims=True)

@@ -1,6 +1,7 @@
 """Sliding window, softcap and ALiBi: cuflash beside torch's FlexAttention (compiled) and SDPA.
 
-    python bench/bench_features.py [--d 128] [--ns 8192,16384,32768] [--dtype bfloat16] [--json FILE]
+    python bench/bench_features.py [--d 128] [--ns 8192,16384,32768] [--flex-ns 8192] [--dtype bfloat16]
+                                   [--json FILE]
 
 Rows: causal sliding windows (left = 256, 1024, 4096), softcap 30 (causal and not), ALiBi (causal
 and not), and plain causal for reference; forward and backward. TF/s count the visible area only:
@@ -93,6 +94,8 @@ def main():
     ap.add_argument("--ns", default="8192,16384,32768", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--rows", default=",".join(r[0] for r in ROWS), type=lambda s: s.split(","))
+    ap.add_argument("--flex-ns", default=None, type=lambda s: [int(x) for x in s.split(",")],
+                    help="sequence lengths at which FlexAttention runs too (each row compiles it; default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     d, dtype = args.d, NP_DTYPES[args.dtype]
@@ -123,7 +126,7 @@ def main():
             row["cuflash_fwd"] = fl / median_ms(lambda: cuflash.attention(q, k, v, **options)) / 1e9
             row["cuflash_bwd"] = 2.5 * fl / median_ms(
                 lambda: cuflash.attention_backward(do, q, k, v, out, lse, **options)) / 1e9
-            if torch is not None:
+            if torch is not None and (args.flex_ns is None or n in args.flex_ns):
                 try:
                     f = flex_call(name, opts, tq, tk, tv, slopes_t)
                     row["flex_fwd"] = fl / median_ms(f) / 1e9

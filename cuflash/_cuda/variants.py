@@ -168,6 +168,16 @@ FWD_SPILL_TILES = {
     ('sm90', 'float32', 192, 2, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
     ('sm90', 'float32', 192, 3, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
     ('sm90', 'float32', 192, 3, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm80', 'float32', 192, 0, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=255, split_q=False),
+    ('sm80', 'float32', 192, 0, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=176, split_q=False),
+    ('sm80', 'float32', 192, 1, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=255, split_q=False),
+    ('sm80', 'float32', 192, 1, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=176, split_q=False),
+    ('sm80', 'float32', 192, 2, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=176, split_q=False),
+    ('sm80', 'float32', 192, 2, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=152, split_q=False),
+    ('sm80', 'float32', 192, 3, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=144, split_q=False),
+    ('sm80', 'float32', 192, 3, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=152, split_q=False),
+    ('sm80', 'float32', 256, 2, True): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=176, split_q=False),
+    ('sm80', 'float32', 256, 3, True): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=176, split_q=False),
 }
 
 
