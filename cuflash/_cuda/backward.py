@@ -65,86 +65,134 @@ def flash_backward(dout, q, k, v, out, lse, slopes, dq, dk, dv, problem, determi
     see no key), ``slopes`` the ALiBi slopes or None; every element of dq, dk and dv is written.
     ``deterministic`` selects the dQ pass without atomics (bitwise-identical results across runs).
     Runs on CuPy's current stream. ``entry`` overrides the table's choice (for tuning).
+
+    The kernels, tiles, grids and parameter structs are decided once per (problem, layouts,
+    device, mode) and kept in a plan; a repeated call allocates the workspaces, fills in the
+    pointers and launches.
     """
     import cupy
 
-    name = numpy.dtype(problem.dtype).name
-    if name not in variants.DTYPE_CODES:
-        raise BackendUnavailableError(f"the CUDA backward handles float16, bfloat16 and float32, not {name}")
-    variants.require(variants.FEATURES, problem, "the CUDA backward")
-    B, Sq, Sk = problem.batch, problem.seqlen_q, problem.seqlen_k
-    Hq, Hkv, D, Dv = problem.heads_q, problem.heads_kv, problem.head_dim, problem.head_dim_v
-    if B == 0:
+    family = variants.family(*runtime.compute_capability(q.device.id))
+    arrays = (dout, q, k, v, out, dq, dk, dv)
+    key = (problem, bool(deterministic), entry, q.device.id, family, lse.strides,
+           *(runtime.layout_key(x) for x in arrays))
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > _MAX_PLANS:
+            _plans.clear()
+        plan = _plans[key] = _BackwardPlan(problem, deterministic, entry, *arrays, lse)
+    if plan.empty:
         return
-    mods = variants.score_mods(problem)
     with cupy.cuda.Device(q.device.id):
-        chosen, bucket, fam = choose_entry(problem, q.device.id)
-        entry = entry or chosen
-        elem = numpy.dtype(problem.dtype).itemsize
-        sm_count = _device_attribute(q.device.id, "MultiProcessorCount")
-        vec_in = all(vector_loadable(x) for x in (q, k, v, dout))
-        slopes = None if slopes is None else cupy.ascontiguousarray(slopes)
-        fwd = params.forward(problem, q, k, v, out, lse, slopes, 0, False)
+        plan.run(dout, q, k, v, out, lse, None if slopes is None else cupy.ascontiguousarray(slopes), dq, dk, dv)
 
-        sq_pad = math.ceil(Sq / _ROW_PAD) * _ROW_PAD
-        l2 = cupy.empty((B, Hq, sq_pad), dtype=numpy.float32)
-        dsum = cupy.empty((B, Hq, sq_pad), dtype=numpy.float32)
 
-        # The atomic variant stages dS^T twice more; where that exceeds the device's shared memory,
-        # the dQ kernel does the work instead (same results, bitwise reproducible).
-        dq_atomic = not deterministic and (
-            entry.dkdv.smem_bytes(bucket, elem, True, dq_atomic=True) <= _device_attribute(
-                q.device.id, "MaxSharedMemoryPerBlockOptin"))
-        tile = entry.dkdv if dq_atomic or entry is not chosen else variants.dkdv_tile(fam, name, bucket, mods, False)
-        # Padded to whole tiles and the bucket's columns, so the kernel adds whole vectors unchecked.
-        dq_accum = cupy.zeros((B, Hq, sq_pad, bucket), dtype=numpy.float32) if dq_atomic else None
-        n_key_tiles = math.ceil(Sk / tile.block_n)
-        splits, per_split = gqa_splits(problem, n_key_tiles, sm_count)
-        if splits > 1:
-            dk_out = cupy.empty((splits, B, Hkv, Sk, D), dtype=numpy.float32)
-            dv_out = cupy.empty((splits, B, Hkv, Sk, Dv), dtype=numpy.float32)
-            dk_strides, dv_strides = (Hkv * Sk * D, D, Sk * D, 1), (Hkv * Sk * Dv, Dv, Sk * Dv, 1)
-            dk_split, dv_split = B * Hkv * Sk * D, B * Hkv * Sk * Dv
-        else:
-            dk_out, dv_out = dk, dv
-            dk_strides, dv_strides = params.strides(dk), params.strides(dv)
-            dk_split = dv_split = 0
+_plans = {}
+_MAX_PLANS = 4096
 
-        def bwd_params(n_tiles):
-            return params.backward(fwd, dout, l2, dsum, dq_accum, dq, dk_out, dv_out, dk_strides, dv_strides,
-                                   dk_split, dv_split, sq_pad, per_split, splits, n_tiles, vec_in, splits > 1)
 
-        # 1. D and L2 per query row.
-        rows = B * Hq * sq_pad
-        if rows:
-            kernel = runtime.get_kernel(variants.AUX_SOURCE, variants.PREPROCESS_KERNEL, variants.aux_defines(name))
-            runtime.launch(kernel, (math.ceil(rows / 8), 1, 1), (256, 1, 1), (bwd_params(0),))
+class _BackwardPlan:
+    """Every decision of one backward call that does not depend on the data pointers."""
 
-        # 2. dK, dV (and the atomic dQ).
-        grid = B * Hkv * splits * n_key_tiles
-        _check_grid(grid, f"batch * heads_kv * ceil(seqlen_k / {tile.block_n})")
-        if grid:
-            defines = variants.dkdv_defines(tile, bucket, name, dq_atomic, mods)
-            kernel = runtime.get_kernel(variants.dkdv_source(tile), variants.DKDV_KERNEL, defines)
-            runtime.launch(kernel, (grid, 1, 1), (tile.warps * 32, 1, 1), (bwd_params(n_key_tiles),),
-                           shared_mem=defines["SMEM_BYTES"])
-        if splits > 1:
-            _convert(name, dk_out, splits, Sk * D, D, dk, Hkv, Sk, D, 1.0, sm_count)
-            _convert(name, dv_out, splits, Sk * Dv, Dv, dv, Hkv, Sk, Dv, 1.0, sm_count)
+    def __init__(self, problem, deterministic, entry, dout, q, k, v, out, dq, dk, dv, lse):
+        import cupy
 
-        # 3. dQ.
-        if dq_atomic:
-            _convert(name, dq_accum, 1, sq_pad * bucket, bucket, dq, Hq, Sq, D, problem.scale, sm_count)
+        name = numpy.dtype(problem.dtype).name
+        if name not in variants.DTYPE_CODES:
+            raise BackendUnavailableError(f"the CUDA backward handles float16, bfloat16 and float32, not {name}")
+        variants.require(variants.FEATURES, problem, "the CUDA backward")
+        B, Sq, Sk = problem.batch, problem.seqlen_q, problem.seqlen_k
+        Hq, Hkv, D, Dv = problem.heads_q, problem.heads_kv, problem.head_dim, problem.head_dim_v
+        self.empty = B == 0
+        if self.empty:
             return
-        tile = entry.dq
-        n_q_tiles = math.ceil(Sq / tile.block_m)
-        grid = B * Hq * n_q_tiles
-        _check_grid(grid, f"batch * heads_q * ceil(seqlen_q / {tile.block_m})")
-        if grid:
-            defines = variants.dq_defines(tile, bucket, name, mods)
-            kernel = runtime.get_kernel(variants.DQ_SOURCE, variants.DQ_KERNEL, defines)
-            runtime.launch(kernel, (grid, 1, 1), (tile.warps * 32, 1, 1), (bwd_params(n_q_tiles),),
-                           shared_mem=defines["SMEM_BYTES"])
+        self.name, self.problem = name, problem
+        mods = variants.score_mods(problem)
+        with cupy.cuda.Device(q.device.id):
+            chosen, bucket, fam = choose_entry(problem, q.device.id)
+            entry = entry or chosen
+            elem = numpy.dtype(problem.dtype).itemsize
+            self.sm_count = _device_attribute(q.device.id, "MultiProcessorCount")
+            vec_in = all(vector_loadable(x) for x in (q, k, v, dout))
+            fwd = params.forward(problem, q, k, v, out, lse, None, 0, False)
+            self.sq_pad = sq_pad = math.ceil(Sq / _ROW_PAD) * _ROW_PAD
+            self.bucket = bucket
+
+            # The atomic variant stages dS^T twice more; where that exceeds the device's shared
+            # memory, the dQ kernel does the work instead (same results, bitwise reproducible).
+            self.dq_atomic = dq_atomic = not deterministic and (
+                entry.dkdv.smem_bytes(bucket, elem, True, dq_atomic=True) <= _device_attribute(
+                    q.device.id, "MaxSharedMemoryPerBlockOptin"))
+            tile = entry.dkdv if dq_atomic or entry is not chosen else variants.dkdv_tile(fam, name, bucket, mods, False)
+            n_key_tiles = math.ceil(Sk / tile.block_n)
+            splits, per_split = gqa_splits(problem, n_key_tiles, self.sm_count)
+            self.splits = splits
+            if splits > 1:
+                # float32 partial sums of each split, (splits, B, Hkv, Sk, D), added in a fixed order.
+                self.partial_shapes = ((splits, B, Hkv, Sk, D), (splits, B, Hkv, Sk, Dv))
+                dk_strides, dv_strides = (Hkv * Sk * D, D, Sk * D, 1), (Hkv * Sk * Dv, Dv, Sk * Dv, 1)
+                dk_split, dv_split = B * Hkv * Sk * D, B * Hkv * Sk * Dv
+            else:
+                dk_strides, dv_strides = params.strides(dk), params.strides(dv)
+                dk_split = dv_split = 0
+
+            def template(n_tiles):
+                record = params.backward(fwd, dout, None, None, None, dq, dk, dv, dk_strides, dv_strides, dk_split,
+                                         dv_split, sq_pad, per_split, splits, n_tiles, vec_in, splits > 1)
+                return params.Template(record, params.BWD_POINTERS)
+
+            # 1. D and L2 per query row.
+            rows = B * Hq * sq_pad
+            self.preprocess = None
+            if rows:
+                kernel = runtime.get_kernel(variants.AUX_SOURCE, variants.PREPROCESS_KERNEL, variants.aux_defines(name))
+                self.preprocess = runtime.Launch(kernel, (math.ceil(rows / 8), 1, 1), (256, 1, 1), 0, template(0))
+
+            # 2. dK, dV (and the atomic dQ).
+            grid = B * Hkv * splits * n_key_tiles
+            _check_grid(grid, f"batch * heads_kv * ceil(seqlen_k / {tile.block_n})")
+            self.dkdv = None
+            if grid:
+                defines = variants.dkdv_defines(tile, bucket, name, dq_atomic, mods)
+                kernel = runtime.get_kernel(variants.dkdv_source(tile), variants.DKDV_KERNEL, defines)
+                self.dkdv = runtime.Launch(kernel, (grid, 1, 1), (tile.warps * 32, 1, 1), defines["SMEM_BYTES"],
+                                           template(n_key_tiles))
+
+            # 3. dQ (the deterministic kernel; the atomic path converts its workspace instead).
+            self.dq = None
+            if not dq_atomic:
+                tile = entry.dq
+                n_q_tiles = math.ceil(Sq / tile.block_m)
+                grid = B * Hq * n_q_tiles
+                _check_grid(grid, f"batch * heads_q * ceil(seqlen_q / {tile.block_m})")
+                if grid:
+                    defines = variants.dq_defines(tile, bucket, name, mods)
+                    kernel = runtime.get_kernel(variants.DQ_SOURCE, variants.DQ_KERNEL, defines)
+                    self.dq = runtime.Launch(kernel, (grid, 1, 1), (tile.warps * 32, 1, 1), defines["SMEM_BYTES"],
+                                             template(n_q_tiles))
+
+    def run(self, dout, q, k, v, out, lse, slopes, dq, dk, dv):
+        import cupy
+
+        p = self.problem
+        B, Hq, Hkv, Sq, Sk, D, Dv = p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, p.head_dim, p.head_dim_v
+        l2 = cupy.empty((B, Hq, self.sq_pad), dtype=numpy.float32)
+        dsum = cupy.empty((B, Hq, self.sq_pad), dtype=numpy.float32)
+        # Padded to whole tiles and the bucket's columns, so the kernel adds whole vectors unchecked.
+        dq_accum = cupy.zeros((B, Hq, self.sq_pad, self.bucket), dtype=numpy.float32) if self.dq_atomic else None
+        dk_out, dv_out = dk, dv
+        if self.splits > 1:
+            dk_out, dv_out = (cupy.empty(shape, dtype=numpy.float32) for shape in self.partial_shapes)
+        pointers = [params.pointer(x) for x in (q, k, v, out, lse, slopes, dout, l2, dsum, dq_accum, dq, dk_out, dv_out)]
+        for launch in (self.preprocess, self.dkdv, self.dq):
+            if launch is not None:
+                launch.launch(*pointers)
+        if self.splits > 1:
+            _convert(self.name, dk_out, self.splits, Sk * D, D, dk, Hkv, Sk, D, 1.0, self.sm_count)
+            _convert(self.name, dv_out, self.splits, Sk * Dv, Dv, dv, Hkv, Sk, Dv, 1.0, self.sm_count)
+        if self.dq_atomic:
+            _convert(self.name, dq_accum, 1, self.sq_pad * self.bucket, self.bucket, dq, Hq, Sq, D, p.scale,
+                     self.sm_count)
 
 
 def _convert(dtype_name, src, splits, src_sh, src_ss, dst, heads, seqlen, dim, scale, sm_count):

@@ -38,10 +38,38 @@ def flash_forward(q, k, v, slopes, out, lse, problem, tile=None):
     """Compute ``out`` (B, Sq, Hq, Dv) and ``lse`` (B, Hq, Sq, float32, natural log) on the GPU.
 
     q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) and out are CuPy arrays on one device
-    with any strides, ``slopes`` the ALiBi slopes (float32 (Hq,) or (B, Hq), contiguous) or None;
-    out and lse are preallocated and every element is written. Runs on CuPy's current stream.
-    ``tile`` overrides the table's choice (for tuning).
+    with any strides, ``slopes`` the ALiBi slopes (float32 (Hq,) or (B, Hq)) or None; out and lse
+    are preallocated and every element is written. Runs on CuPy's current stream. ``tile``
+    overrides the table's choice (for tuning).
+
+    Everything but the data pointers is decided once per (problem, layouts, device) and kept in a
+    plan, so a repeated call only fills in the pointers and launches.
     """
+    import cupy
+
+    family = variants.family(*runtime.compute_capability(q.device.id))
+    key = (problem, tile, q.device.id, family, runtime.layout_key(q), runtime.layout_key(k), runtime.layout_key(v),
+           runtime.layout_key(out), lse.strides)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > _MAX_PLANS:
+            _plans.clear()
+        plan = _plans[key] = _plan(q, k, v, out, lse, problem, tile)
+    if plan is None:
+        return
+    with cupy.cuda.Device(q.device.id):
+        if slopes is not None:
+            slopes = cupy.ascontiguousarray(slopes)
+        plan.launch(params.pointer(q), params.pointer(k), params.pointer(v), params.pointer(out),
+                    params.pointer(lse), params.pointer(slopes))
+
+
+_plans = {}
+_MAX_PLANS = 4096
+
+
+def _plan(q, k, v, out, lse, problem, tile):
+    """The launch of ``problem`` over arrays of these layouts, or None when there is nothing to compute."""
     import cupy
 
     ok, reason = supported(problem)
@@ -50,7 +78,7 @@ def flash_forward(q, k, v, slopes, out, lse, problem, tile=None):
     variants.require(variants.FEATURES, problem, "the CUDA forward")
     B, Sq, Sk, Hq = problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads_q
     if B == 0 or Sq == 0 or Hq == 0:
-        return
+        return None
     if max(Sq, Sk) > MAX_SEQLEN:
         raise ValueError(f"seqlen_q {Sq} / seqlen_k {Sk}: the CUDA forward takes sequences up to {MAX_SEQLEN}")
     with cupy.cuda.Device(q.device.id):
@@ -64,6 +92,6 @@ def flash_forward(q, k, v, slopes, out, lse, problem, tile=None):
         grid_x = B * Hq * num_m
         if grid_x > _MAX_GRID_X:
             raise ValueError(f"batch * heads_q * ceil(seqlen_q / {tile.block_m}) = {grid_x} exceeds the CUDA grid limit")
-        slopes = None if slopes is None else cupy.ascontiguousarray(slopes)
-        p = params.forward(problem, q, k, v, out, lse, slopes, num_m, vector_loadable(out))
-        runtime.launch(kernel, (grid_x, 1, 1), (tile.warps * 32, 1, 1), (p,), shared_mem=defines["SMEM_BYTES"])
+        record = params.forward(problem, q, k, v, out, lse, None, num_m, vector_loadable(out))
+        return runtime.Launch(kernel, (grid_x, 1, 1), (tile.warps * 32, 1, 1), defines["SMEM_BYTES"],
+                              params.Template(record, params.FWD_POINTERS))

@@ -76,6 +76,36 @@ def layout_asserts():
     return "\n" + "\n".join(lines) + "\n"
 
 
+class Template:
+    """A parameter struct built once, whose pointer fields are filled per call.
+
+    Filling a NumPy record field by field costs about 10 µs per struct; copying these bytes and
+    writing the pointers as one uint64 slice costs about 2.
+    """
+
+    def __init__(self, record, pointer_fields):
+        self._bytes = numpy.frombuffer(record.tobytes(), dtype=numpy.uint8).copy()
+        self._dtype = record.dtype
+        self._slots = [_offset(record.dtype, field) // 8 for field in pointer_fields]
+
+    def __call__(self, *pointers):
+        buf = self._bytes.copy()
+        buf.view(numpy.uint64)[self._slots] = pointers
+        return buf.view(self._dtype)[0]
+
+
+def _offset(dtype, path):
+    offset = 0
+    for name in path.split("."):
+        dtype, field_offset = dtype.fields[name][:2]
+        offset += field_offset
+    return offset
+
+
+FWD_POINTERS = ("q", "k", "v", "out", "lse", "alibi_slopes")
+BWD_POINTERS = tuple(f"fwd.{name}" for name in FWD_POINTERS) + ("dout", "l2", "dsum", "dq_accum", "dq", "dk", "dv")
+
+
 def pointer(x):
     """The device address of a CuPy array (0 for None)."""
     return 0 if x is None else x.data.ptr

@@ -94,12 +94,17 @@ def gpu_available():
 
 
 def compute_capability(device_id=None):
-    """``(major, minor)`` of a device (the current one by default)."""
+    """``(major, minor)`` of a device (the current one by default), looked up once per device."""
     import cupy
 
     device = cupy.cuda.Device(device_id)
-    major, minor = divmod(int(device.compute_capability), 10)
-    return major, minor
+    cc = _compute_capabilities.get(device.id)
+    if cc is None:
+        cc = _compute_capabilities[device.id] = divmod(int(device.compute_capability), 10)
+    return cc
+
+
+_compute_capabilities = {}
 
 
 def arch_options(major, minor):
@@ -152,6 +157,37 @@ def element_strides(x):
     import numpy
 
     return [numpy.int64(s // x.itemsize) for s in x.strides]
+
+
+def layout_key(x):
+    """What a launch plan depends on in an array besides its pointer: strides and 16-byte alignment."""
+    return x.strides, x.data.ptr % 16 == 0
+
+
+class Launch:
+    """One kernel launch with fixed grid, block and shared memory, whose parameter struct is a
+    ``params.Template`` filled with the call's pointers. Raises the kernel's shared-memory limit
+    once, when made."""
+
+    def __init__(self, kernel, grid, block, shared_mem, template):
+        import cupy
+
+        self.kernel, self.grid, self.block, self.shared_mem, self.template = kernel, grid, block, shared_mem, template
+        try:
+            if shared_mem > _DEFAULT_SMEM_LIMIT and kernel.max_dynamic_shared_size_bytes < shared_mem:
+                kernel.max_dynamic_shared_size_bytes = shared_mem
+        except cupy.cuda.driver.CUDADriverError as exc:
+            raise KernelLaunchError(kernel.name, f"setting shared_mem={shared_mem} failed: {exc}") from None
+
+    def launch(self, *pointers):
+        """Launch on CuPy's current stream with these pointers."""
+        import cupy
+
+        try:
+            self.kernel(self.grid, self.block, (self.template(*pointers),), shared_mem=self.shared_mem)
+        except cupy.cuda.driver.CUDADriverError as exc:
+            raise KernelLaunchError(self.kernel.name, f"launch with grid={self.grid} block={self.block} "
+                                                      f"shared_mem={self.shared_mem} failed: {exc}") from None
 
 
 def launch(kernel, grid, block, args, shared_mem=0):
