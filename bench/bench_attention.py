@@ -35,7 +35,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cuflash  # noqa: E402
-from cuflash._mask import MaskSpec  # noqa: E402
 
 try:
     import torch
@@ -84,6 +83,8 @@ def median_ms(fn, warmup=3, iters=20, budget_s=3.0):
 
 def causal_mask(n, rows=None):
     """The (rows, n) causal mask of an n x n problem as a CuPy array, from MaskSpec (rows: all)."""
+    from cuflash._mask import MaskSpec
+
     rows = np.arange(n)[:, None] if rows is None else rows
     return cp.asarray(MaskSpec(n, n, 0, None, 0).visible(rows, np.arange(n)[None, :]))
 
