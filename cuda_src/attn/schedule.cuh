@@ -1,6 +1,7 @@
 // Which work a CTA does: blockIdx -> (batch, head, tile), with the tile ranges the mask allows.
 #pragma once
 
+#include "../core/tile_io.cuh"
 #include "mask.cuh"
 
 namespace cuflash {
@@ -44,6 +45,21 @@ __device__ __forceinline__ KvWork kv_work(const BwdParams& p, const Mask& mask) 
     w.m_end = m.end;
     w.n_iter = m.count() * (w.h_end > w.h_begin ? w.h_end - w.h_begin : 0);
     return w;
+}
+
+// Loads the query tile of step x of a dK/dV CTA: Q_i and dO_i through the kernel's tile loader
+// (load_rows(smem, tensor, row0, ncols), which knows the kernel's shared-memory layout), and the
+// tile's L2 and D rows (BlockM floats each).
+template <int BlockM, int Threads, int ElemBytes, typename LoadRows>
+__device__ __forceinline__ void load_query_step(const BwdParams& p, i64 b, KvStep x, u32 sQ, u32 sdO, u32 sL2, u32 sD,
+                                                int tid, LoadRows load_rows) {
+    const FwdParams& f = p.fwd;
+    const int i0 = x.m * BlockM;
+    load_rows(sQ, Tensor::of(f.q, f.q_st, b, x.h, ElemBytes), i0, f.head_dim);
+    load_rows(sdO, Tensor::of(p.dout, p.do_st, b, x.h, ElemBytes), i0, f.head_dim_v);
+    const i64 off = (b * f.heads_q + x.h) * static_cast<i64>(p.seqlen_q_pad) + i0;
+    load_vec<BlockM, Threads>(sL2, p.l2 + off, tid);
+    load_vec<BlockM, Threads>(sD, p.dsum + off, tid);
 }
 
 // The query tile of a forward or dQ CTA. Grid: blockIdx.x = (b * Hq + h) * n_tiles + (n_tiles - 1 -

@@ -13,8 +13,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
     const FwdParams& f = p.fwd;
     const int heads_q = f.heads_q, seqlen_q = f.seqlen_q, seqlen_k = f.seqlen_k;
     const int head_dim = f.head_dim, head_dim_v = f.head_dim_v, seqlen_q_pad = p.seqlen_q_pad;
-    const float* const l2 = p.l2;
-    const float* const dsum = p.dsum;
     extern __shared__ __align__(128) char smem[];
     const u32 s_base = smem_addr(smem);
     const u32 sK = s_base, sV = s_base + kOffOwnB;
@@ -34,14 +32,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
     const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, kElemBytes);
 
     auto load_stream = [&](KvStep x, int stage) {
-        const int i0 = x.m * kStream;
-        const Tensor tq = Tensor::of(f.q, f.q_st, b, x.h, kElemBytes);
-        const Tensor tdo = Tensor::of(p.dout, p.do_st, b, x.h, kElemBytes);
-        load_tile<kStream>(s_base + kOffStreamA + stage * kStreamStride, tq, i0, seqlen_q, head_dim, vec, tid);
-        load_tile<kStream>(s_base + kOffStreamB + stage * kStreamStride, tdo, i0, seqlen_q, head_dim_v, vec, tid);
-        const i64 vec_off = (b * heads_q + x.h) * static_cast<i64>(seqlen_q_pad) + i0;
-        load_vec<kStream, kThreads>(s_base + kOffL2 + stage * kVecBytes, l2 + vec_off, tid);
-        load_vec<kStream, kThreads>(s_base + kOffD + stage * kVecBytes, dsum + vec_off, tid);
+        load_query_step<kStream, kThreads, kElemBytes>(
+            p, b, x, s_base + kOffStreamA + stage * kStreamStride, s_base + kOffStreamB + stage * kStreamStride,
+            s_base + kOffL2 + stage * kVecBytes, s_base + kOffD + stage * kVecBytes, tid,
+            [&](u32 smem, const Tensor& t, int row0, int ncols) { load_tile<kStream>(smem, t, row0, seqlen_q, ncols, vec, tid); });
     };
 
     load_tile<kOwn>(sK, tk, key0, seqlen_k, head_dim, vec, tid);

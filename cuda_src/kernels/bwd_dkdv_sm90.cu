@@ -165,14 +165,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
     const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, 2);
 
     auto load_stream = [&](KvStep x, int stage) {
-        const int i0 = x.m * kM;
-        const Tensor tq = Tensor::of(f.q, f.q_st, b, x.h, 2);
-        const Tensor tdo = Tensor::of(p.dout, p.do_st, b, x.h, 2);
-        load_tile<kM>(s_base + kOffQ + stage * kQueryTileBytes, tq, i0, seqlen_q, head_dim, vec, tid);
-        load_tile<kM>(s_base + kOffDO + stage * kQueryTileBytes, tdo, i0, seqlen_q, head_dim_v, vec, tid);
-        const i64 vec_off = (b * heads_q + x.h) * static_cast<i64>(seqlen_q_pad) + i0;
-        load_vec<kM, kThreads>(s_base + kOffL2 + stage * kVecBytes, p.l2 + vec_off, tid);
-        load_vec<kM, kThreads>(s_base + kOffD + stage * kVecBytes, p.dsum + vec_off, tid);
+        load_query_step<kM, kThreads, 2>(
+            p, b, x, s_base + kOffQ + stage * kQueryTileBytes, s_base + kOffDO + stage * kQueryTileBytes,
+            s_base + kOffL2 + stage * kVecBytes, s_base + kOffD + stage * kVecBytes, tid,
+            [&](u32 smem, const Tensor& t, int row0, int ncols) { load_tile<kM>(smem, t, row0, seqlen_q, ncols, vec, tid); });
     };
 
     load_tile<kN>(s_base, tk, key0, seqlen_k, head_dim, vec, tid);

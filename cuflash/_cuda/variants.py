@@ -373,7 +373,7 @@ BWD_SPILL_TILES = {
     ('sm90', '16bit', 64, 2, 'dkdv'): _W(block_m=64, warpgroups=2, stages=2, min_blocks=1),
     ('sm90', '16bit', 64, 3, 'dkdv_atomic'): _W(block_m=64, warpgroups=2, stages=2, min_blocks=1),
     ('sm90', '16bit', 64, 3, 'dkdv'): _W(block_m=64, warpgroups=2, stages=2, min_blocks=1),
-    ('sm90', '16bit', 96, 3, 'dkdv_atomic'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=3, dq_unroll=0),
+    ('sm90', '16bit', 96, 3, 'dkdv_atomic'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=2, dq_unroll=0),
     ('sm90', '16bit', 96, 3, 'dkdv'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
     ('sm90', '16bit', 128, 2, 'dkdv_atomic'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
     ('sm90', '16bit', 128, 2, 'dkdv'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
