@@ -15,7 +15,7 @@
 //            accumulators stay in registers across tiles;
 //            dQ_i += dS K_j (DQ_ATOMIC), cut WARPS_M_DQ (queries) x rest (head dim), added to a float32
 //            workspace with vector reductions (run-to-run bit differences, as addition reorders).
-// Without DQ_ATOMIC the deterministic dQ kernel (flash_bwd.cu, ROLE 1) computes dQ.
+// Without DQ_ATOMIC the deterministic dQ kernel (bwd_dq.cu) computes dQ.
 //
 // Configuration (#define lines from the variant table, cuflash/_cuda/variants.py):
 //   HEAD_DIM  bucket of max(D, Dv), a multiple of 32; smaller D/Dv are zero-padded on load
@@ -337,9 +337,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
                                                                  sQ + d_kv * 2, kRowBytes, lane);
         };
         // dQ_i += dS K_j: dS is the transpose of the staged dS^T [key][query]; K_j is [key][dim].
-        // Column blocks past head_dim would add zeros and are skipped.
-        // dQ_i += dS K_j: dS is the transpose of the staged dS^T [key][query]; K_j is [key][dim].
-        // Passes of at most 64 columns keep the partial sums small beside dK and dV.
+        // Column blocks past head_dim would add zeros and are skipped; passes of at most 64 columns
+        // keep the partial sums small beside dK and dV.
         auto product_dq = [&] {
             if constexpr (kDQAtomic) {
                 if (d_dq >= head_dim) return;
