@@ -9,21 +9,17 @@ conversions). FLOPs: 2.5 × 4·B·H·N²·D, halved when causal. Prints a short 
 """
 
 import argparse
-import math
-import os
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cupy as cp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cuflash._cuda import backward, runtime, variants  # noqa: E402
 from cuflash._problem import check_forward  # noqa: E402
 from bench_attention import median_ms  # noqa: E402
+from prewarm import compile_all  # noqa: E402
 
 R, E, K, W = variants.RowsTile, variants.BwdEntry, variants.KvTile, variants.WgTile
 # (dtype kind, bucket) -> alternative entries to time beside the table's choice.
@@ -43,21 +39,7 @@ def prewarm(family):
             for name in variants.dtypes_of(kind):
                 jobs.append((variants.dkdv_source(entry.dkdv), variants.DKDV_KERNEL,
                              variants.dkdv_defines(entry.dkdv, bucket, name, True, 0)))
-    t0 = time.time()
-    failures = []
-
-    def one(job):
-        try:
-            runtime.get_kernel(*job)
-        except Exception as exc:
-            failures.append(f"{job[1]} {job[2]}: {str(exc)[:800]}")
-
-    with ThreadPoolExecutor(os.cpu_count() or 4) as pool:
-        list(pool.map(one, jobs))
-    print(f"compiled {len(jobs)} instantiations in {time.time() - t0:.1f} s, {len(failures)} failures", flush=True)
-    for f in failures:
-        print(f)
-    return not failures
+    return not compile_all(jobs)
 
 
 def torch_inputs(torch, B, N, H, D, dtype, causal, seed=0):

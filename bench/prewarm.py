@@ -18,12 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cuflash._cuda import runtime, variants  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", default="sm90,sm80", type=lambda s: s.split(","))
-    args = ap.parse_args()
-    major, _ = runtime.compute_capability()
-    jobs = [job for fam in args.family if fam != "sm90" or major == 9 for job in variants.instantiations(fam)]
+def compile_all(jobs):
+    """Compile ``(source, kernel, defines)`` jobs for the current GPU on all cores; print and return
+    the failures."""
     failures = []
 
     def one(job):
@@ -38,7 +35,16 @@ def main():
     print(f"compiled {len(jobs)} variants in {time.time() - t0:.1f} s, {len(failures)} failures", flush=True)
     for failure in failures[:5]:
         print(failure)
-    sys.exit(1 if failures else 0)
+    return failures
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="sm90,sm80", type=lambda s: s.split(","))
+    args = ap.parse_args()
+    major, _ = runtime.compute_capability()
+    jobs = [job for fam in args.family if fam != "sm90" or major == 9 for job in variants.instantiations(fam)]
+    sys.exit(1 if compile_all(jobs) else 0)
 
 
 if __name__ == "__main__":
