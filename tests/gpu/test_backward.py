@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 import cuflash
 from cuflash._cuda import runtime, variants
+from cuflash.testing import assert_attention_grads_close, attention_problems
 
-from ..helpers import BFLOAT16, assert_close, gpu_skip_reason, magnitudes, make_inputs, naive_same_dtype
+from ..helpers import BFLOAT16, gpu_skip_reason, magnitudes, make_inputs, naive_same_dtype
 
 _SKIP = gpu_skip_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
@@ -22,48 +23,34 @@ if BFLOAT16 is not None:
     GPU_DTYPES.insert(1, BFLOAT16)
 
 
+def _with_forward(q, k, v, dout, **options):
+    """The backward's arguments (dout, q, k, v, out, lse), out and lse from the NumPy backend."""
+    out, lse = cuflash.attention(q, k, v, return_lse=True, backend="numpy", **options)
+    return (dout, q, k, v, out, lse), options
+
+
 def _inputs(B, Sq, Sk, Hq, Hkv, D, Dv, dtype, causal=False, causal_alignment="bottom_right", scale=None, seed=0):
     rng = numpy.random.default_rng(seed)
     q, k, v, dout = make_inputs(rng, B, Sq, Sk, Hq, Hkv, D, Dv, dtype)
-    options = dict(causal=causal, causal_alignment=causal_alignment, scale=scale)
-    out, lse = cuflash.attention(q, k, v, return_lse=True, backend="numpy", **options)
-    return (dout, q, k, v, out, lse), options
+    return _with_forward(q, k, v, dout, causal=causal, causal_alignment=causal_alignment, scale=scale)
 
 
 def _check_against_reference(args, options, deterministic=False, factor=3.0):
     dout, q, k, v, out, lse = args
     grads = cuflash.attention_backward(*args, backend="cuda", deterministic=deterministic, **options)
-    ref = cuflash.reference.attention_backward(dout, q, k, v, **options)
-    naive = naive_same_dtype(q, k, v, dout, **options)
-    sizes = magnitudes(q, k, v, dout, options["scale"])
-    for name, x, r, nv in zip(("dq", "dk", "dv"), grads, ref, naive[1:]):
-        assert x.dtype == q.dtype and x.shape == r.shape
-        assert_close(name, x, r, nv, q.dtype, factor=factor, magnitude=sizes[name])
+    assert_attention_grads_close(*grads, q, k, v, dout, factor=factor, **options)
     return grads
 
 
-@st.composite
-def cases(draw):
-    heads_kv = draw(st.integers(1, 2))
-    group = draw(st.sampled_from([1, 2, 3, 8]))
-    head_dim = draw(st.one_of(st.sampled_from([1, 40, 59, 64, 128, 256]), st.integers(1, 256)))
-    size = st.one_of(st.sampled_from([1, 2, 16, 17, 63, 64, 65, 129]), st.integers(1, 300))
-    return dict(
-        B=draw(st.integers(1, 2)), Sq=draw(size), Sk=draw(size), Hq=heads_kv * group, Hkv=heads_kv,
-        D=head_dim, Dv=draw(st.one_of(st.just(head_dim), st.integers(1, 256))),
-        dtype=draw(st.sampled_from(GPU_DTYPES)), causal=draw(st.booleans()),
-        causal_alignment=draw(st.sampled_from(["bottom_right", "top_left"])),
-        scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))), seed=draw(st.integers(0, 2**32 - 1)),
-        deterministic=draw(st.booleans()),
-    )
-
-
 @settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=cases())
-def test_drawn_shapes_match_reference(case, poisoned):
-    deterministic = case.pop("deterministic")
-    args, options = _inputs(**case)
-    _check_against_reference(args, options, deterministic)
+@given(problem=attention_problems(dtypes=GPU_DTYPES, min_seqlen=1, max_seqlen=300,
+                                  lengths=[1, 2, 16, 17, 63, 64, 65, 129], max_heads_kv=2, group_sizes=(1, 2, 3, 8),
+                                  features={"causal", "top_left", "scale"}, layouts=("contiguous",),
+                                  scale_range=(0.05, 1.0)),
+       deterministic=st.booleans())
+def test_drawn_shapes_match_reference(problem, deterministic, poisoned):
+    p = problem
+    _check_against_reference(*_with_forward(p.q, p.k, p.v, p.dout, **p.options), deterministic)
 
 
 AWKWARD = [

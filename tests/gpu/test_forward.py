@@ -1,7 +1,7 @@
 """The CUDA forward kernel against the float64 reference, the NumPy backend, and itself.
 
 Skipped as a whole when no usable GPU is present. Accuracy follows FlashAttention's rule (see
-tests/helpers.py): max error at most 2x that of a naive computation in the input dtype, plus a
+cuflash.testing): max error at most 2x that of a naive computation in the input dtype, plus a
 small floor. Outputs of the dispatcher are NaN-filled first (the ``poisoned`` fixture), so an
 element the kernel forgets to write fails.
 """
@@ -9,15 +9,14 @@ element the kernel forgets to write fails.
 import numpy
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import cuflash
 from cuflash._cuda import forward, runtime, variants
 from cuflash._errors import BackendUnavailableError
 from cuflash._problem import check_forward
+from cuflash.testing import assert_attention_close, attention_problems
 
-from ..helpers import BFLOAT16, assert_close, assert_lse_close, gpu_skip_reason, magnitudes, make_inputs, \
-    naive_same_dtype
+from ..helpers import BFLOAT16, assert_close, gpu_skip_reason, make_inputs, naive_same_dtype
 
 _SKIP = gpu_skip_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=f"no usable GPU: {_SKIP}")
@@ -26,18 +25,13 @@ if _SKIP is None:
     import cupy
 
 GPU_DTYPES = [numpy.dtype(numpy.float16), numpy.dtype(numpy.float32)] + ([BFLOAT16] if BFLOAT16 is not None else [])
-SIZES = st.one_of(st.sampled_from([1, 2, 16, 17, 63, 64, 65, 127, 128, 129, 200]), st.integers(1, 300))
+# Tile edges of the forward kernels (64 and 128 rows), Sk = 0 (every row fully masked) and 200.
+LENGTHS = [0, 1, 2, 16, 17, 63, 64, 65, 127, 128, 129, 200]
 
 
 def check_against_reference(q, k, v, out, lse, **options):
     """``out``/``lse`` (host arrays) obey the accuracy rule on inputs q, k, v (host arrays)."""
-    dtype = q.dtype
-    ref_out, ref_lse = cuflash.reference.attention(q, k, v, **options)
-    naive = naive_same_dtype(q, k, v, numpy.zeros(ref_out.shape, dtype), **options)
-    assert out.dtype == dtype and lse.dtype == numpy.float32
-    assert_close("out", out, ref_out, naive[0], dtype, magnitude=magnitudes(q, k, v, numpy.ones(1, dtype),
-                                                                              options.get("scale"))["out"])
-    assert_lse_close(lse, ref_lse, dtype)
+    assert_attention_close(out, q, k, v, lse=lse, **options)
 
 
 def run_gpu(q, k, v, **options):
@@ -45,27 +39,14 @@ def run_gpu(q, k, v, **options):
     return cuflash.attention(q, k, v, return_lse=True, backend="cuda", **options)
 
 
-@st.composite
-def cases(draw):
-    heads_kv = draw(st.integers(1, 3))
-    head_dim = draw(st.one_of(st.sampled_from([1, 32, 40, 59, 64, 96, 111, 128, 200, 256]), st.integers(1, 256)))
-    return dict(
-        B=draw(st.integers(1, 2)), Sq=draw(SIZES), Sk=draw(st.one_of(st.just(0), SIZES)),
-        Hq=heads_kv * draw(st.sampled_from([1, 2, 4])), Hkv=heads_kv, D=head_dim,
-        Dv=draw(st.one_of(st.just(head_dim), st.integers(1, 256))), dtype=draw(st.sampled_from(GPU_DTYPES)),
-        causal=draw(st.booleans()), causal_alignment=draw(st.sampled_from(["bottom_right", "top_left"])),
-        scale=draw(st.one_of(st.none(), st.floats(0.01, 1.0))), seed=draw(st.integers(0, 2**32 - 1)),
-    )
-
-
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=cases())
-def test_forward_matches_reference(case, poisoned):
-    rng = numpy.random.default_rng(case["seed"])
-    q, k, v, _ = make_inputs(rng, *(case[n] for n in ("B", "Sq", "Sk", "Hq", "Hkv", "D", "Dv")), case["dtype"])
-    options = {n: case[n] for n in ("causal", "causal_alignment", "scale")}
-    out, lse = run_gpu(q, k, v, **options)
-    check_against_reference(q, k, v, out, lse, **options)
+@given(problem=attention_problems(dtypes=GPU_DTYPES, max_seqlen=300, lengths=LENGTHS, group_sizes=(1, 2, 4),
+                                  features={"causal", "top_left", "scale"}, layouts=("contiguous",),
+                                  scale_range=(0.01, 1.0)))
+def test_forward_matches_reference(problem, poisoned):
+    p = problem
+    out, lse = run_gpu(p.q, p.k, p.v, **p.options)
+    check_against_reference(p.q, p.k, p.v, out, lse, **p.options)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
