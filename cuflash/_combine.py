@@ -83,6 +83,7 @@ def merge(out_a, lse_a, out_b, lse_b, *, out=None, lse=None):
     xp = array_module(out_a)
     acc = accum_dtype(out_a, lse_a, out_b, lse_b)
     lse_a, lse_b = lse_a.astype(acc, copy=False), lse_b.astype(acc, copy=False)
+    # 0 · inf in an empty part's terms and log(0) on rows no part saw are expected; NumPy must not warn.
     with numpy.errstate(divide="ignore", invalid="ignore"):
         m = xp.maximum(lse_a, lse_b)  # propagates NaN
         # Rows where both parts are empty: subtract 0, so the weights are exp(−inf) = 0, not exp(NaN).
@@ -92,16 +93,16 @@ def merge(out_a, lse_a, out_b, lse_b, *, out=None, lse=None):
         merged_lse = m + xp.log(total)  # log(0) = −inf for rows no part saw
         total = xp.where(total == 0, 1, total)
         w_a, w_b = w_a / total, w_b / total
-    empty_a, empty_b = xp.isneginf(lse_a)[..., None], xp.isneginf(lse_b)[..., None]
-    if out is None:
-        out = xp.empty(out_a.shape, dtype=acc)
-    # The B term first into a temporary: ``out`` may be ``out_a`` and is written next.
-    term_b = out_b.astype(acc)
-    term_b *= w_b[..., None]
-    xp.copyto(term_b, 0, where=empty_b)  # 0, not 0 · (whatever an empty part's out holds)
-    xp.multiply(out_a.astype(acc, copy=False), w_a[..., None], out=out, casting="unsafe")
-    xp.copyto(out, 0, where=empty_a)
-    out += term_b
+        empty_a, empty_b = xp.isneginf(lse_a)[..., None], xp.isneginf(lse_b)[..., None]
+        if out is None:
+            out = xp.empty(out_a.shape, dtype=acc)
+        # The B term first into a temporary: ``out`` may be ``out_a`` and is written next.
+        term_b = out_b.astype(acc)
+        term_b *= w_b[..., None]
+        xp.copyto(term_b, 0, where=empty_b)  # 0, not 0 · (whatever an empty part's out holds)
+        xp.multiply(out_a.astype(acc, copy=False), w_a[..., None], out=out, casting="unsafe")
+        xp.copyto(out, 0, where=empty_a)
+        out += term_b
     if lse is None:
         lse = merged_lse
     else:
@@ -135,7 +136,7 @@ def combine(outs, lses):
         total = w.sum(axis=0)
         lse = m + xp.log(total)
         w = w / xp.where(total == 0, 1, total)
-    terms = outs.astype(acc)
-    terms *= w[..., None]
-    xp.copyto(terms, 0, where=xp.isneginf(lses)[..., None])
-    return terms.sum(axis=0), lse
+        terms = outs.astype(acc)
+        terms *= w[..., None]
+        xp.copyto(terms, 0, where=xp.isneginf(lses)[..., None])
+        return terms.sum(axis=0), lse
