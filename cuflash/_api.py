@@ -49,7 +49,8 @@ def _doc(text):
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
               alibi_slopes=None, scale=None, return_lse=False, backend="auto"):
-    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
+    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale,
+                   return_lse=return_lse)
     out, lse = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention")
     return (out, lse) if return_lse else out
 
@@ -233,7 +234,9 @@ def attention_vjp(q, k, v, *, causal=False, causal_alignment="bottom_right", win
     >>> dq, dk, dv = vjp(dout)
     """
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
-    out, lse = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention_vjp")
+    # deterministic is checked now with the rest, not first when vjp() runs.
+    out, lse = _forward(q, k, v, alibi_slopes, dict(options, deterministic=deterministic), backend,
+                        "cuflash.attention_vjp")
     saved = (q, k, v, out, lse)
 
     def vjp(dout):

@@ -510,6 +510,21 @@ def _row_major_strides(shape, itemsize):
     return tuple(reversed(strides))
 
 
+def _ndarray_subclass_refusal(name, x):
+    """Why an ndarray subclass is refused, or None for one read as the plain array it holds.
+
+    Subclasses such as ``numpy.memmap`` are plain data and are read in place (results are plain
+    ndarrays). A masked array's mask, and ``numpy.matrix``'s 2-D-only algebra, would be silently
+    dropped by doing so, so those are refused with what to pass instead.
+    """
+    if isinstance(x, numpy.ma.MaskedArray):
+        return (f"{name} is a numpy.ma.MaskedArray; attention has no notion of masked entries "
+                f"(pass {name}.filled(value), or numpy.asarray({name}) to ignore the mask)")
+    if isinstance(x, numpy.matrix):
+        return f"{name} is a numpy.matrix, which is 2-D only; pass a 4-D numpy.ndarray (BSHD)"
+    return None
+
+
 def _raise(what, problems):
     raise TypeError(f"invalid arguments to {what}:\n  - " + "\n  - ".join(problems))
 
@@ -523,6 +538,12 @@ def import_operands(what, **operands):
     """
     problems, origins = [], {}
     for name, x in operands.items():
+        if isinstance(x, numpy.ndarray) and type(x) is not numpy.ndarray:
+            refusal = _ndarray_subclass_refusal(name, x)
+            if refusal is not None:
+                problems.append(refusal)
+                continue
+            operands[name] = x = x.view(numpy.ndarray)
         try:
             origin = _origin_of(x)
         except (BufferError, RuntimeError, TypeError, ValueError) as exc:

@@ -56,6 +56,19 @@ class MaskSpec:
     def last_key(self, i):
         return 1 << 62 if self.right is None else i + self.offset + self.right
 
+    def sees_any(self, i):
+        """Whether query i (an index array) sees at least one key; rows that see none are the
+        fully masked rows of the contract."""
+        i = numpy.asarray(i, dtype=numpy.int64)
+        # Sides wider than every distance in the matrix are unbounded (and keep int64 from overflowing).
+        reach = self.seqlen_q + self.seqlen_k + abs(self.offset)
+        lo, hi = numpy.zeros_like(i), numpy.full_like(i, self.seqlen_k - 1)
+        if self.left is not None and self.left < reach:
+            lo = numpy.maximum(lo, i + self.offset - self.left)
+        if self.right is not None and self.right < reach:
+            hi = numpy.minimum(hi, i + self.offset + self.right)
+        return lo <= hi
+
     def key_range(self, i0, i1):
         """Keys [lo, hi) that some query of i0..i1-1 may see, clipped to 0..Sk (lo >= hi: none)."""
         lo = max(0, self.first_key(i0))

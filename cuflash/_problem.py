@@ -19,6 +19,7 @@ BACKENDS = ("auto", "numpy", "cuda")
 MAX_HEAD_DIM = 256
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+_FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,40 @@ class _Problems:
     def value(self, message):
         self.value_errors.append(message)
 
+    def any(self):
+        return bool(self.type_errors or self.value_errors)
+
     def raise_if_any(self, what):
         messages = self.type_errors + self.value_errors
         if not messages:
             return
         text = f"invalid arguments to {what}:\n  - " + "\n  - ".join(messages)
         raise (TypeError if self.type_errors else ValueError)(text)
+
+
+def _as_float(x):
+    """``float(x)``, or inf where x is too large for a float (a huge Python int)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+
+
+def _short(x):
+    """A value for an error message, cut short (a huge int prints hundreds of digits)."""
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_scale_fits(problems, scale, dtype):
+    """16-bit and float32 attention applies the scale in float32 (the accumulation type): a finite
+    scale whose float32 value overflows would turn every score into ±inf and the output into NaN."""
+    if scale is None or dtype is None or dtype == numpy.float64 or not _is_real(scale):
+        return
+    value = _as_float(scale)
+    if math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+        problems.value(f"scale={_short(scale)} overflows float32, the type {dtype} attention applies it in "
+                       f"(|scale| must be at most {_FLOAT32_MAX:.4g}; float64 inputs take any finite scale)")
 
 
 def _is_real(x):
@@ -111,15 +140,14 @@ def _is_int(x):
 
 
 def _check_options(problems, causal, causal_alignment, scale, backend):
-    if not isinstance(causal, (bool, numpy.bool_)):
-        problems.type(f"causal must be a bool, got {type(causal).__name__}")
+    check_bool(problems, "causal", causal)
     if not isinstance(causal_alignment, str) or causal_alignment not in ALIGNMENTS:
         problems.value(f"causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
     if scale is not None:
         if not _is_real(scale):
             problems.type(f"scale must be a real number or None, got {type(scale).__name__}")
-        elif not math.isfinite(float(scale)):
-            problems.value(f"scale must be finite, got {scale!r}")
+        elif not math.isfinite(_as_float(scale)):
+            problems.value(f"scale must be a finite number, got {_short(scale)}")
     if not isinstance(backend, str) or backend not in BACKENDS:
         problems.value(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -201,21 +229,35 @@ def _check_dtypes(problems, named):
     return next(iter(dtypes.values()), None)
 
 
-def check_forward(q, k, v, *, causal, causal_alignment, scale, backend, window=None, softcap=None,
-                  alibi_slopes=None, what="cuflash.attention"):
-    """Check the operands and options of a forward call; return the resolved ``Problem``."""
-    problems = _Problems()
+@dataclass(frozen=True)
+class _Expected:
+    """What the forward's operands imply about the backward's, as far as they are readable:
+    None where a bad q, k or v leaves it unknown."""
+
+    dtype: Optional[numpy.dtype]  # of q, k, v (of the float ones among them where they differ or one is not)
+    accum_dtype: Optional[numpy.dtype]
+    out_shape: Optional[tuple]
+    lse_shape: Optional[tuple]
+
+
+def _check_forward(problems, q, k, v, *, causal, causal_alignment, scale, backend, window, softcap, alibi_slopes):
+    """Record every problem of a forward call in ``problems``; return the resolved ``Problem``
+    (None when anything is wrong) and what its operands imply for a backward call."""
     _check_options(problems, causal, causal_alignment, scale, backend)
     sides = _check_window(problems, window, causal)
     cap = _check_softcap(problems, softcap)
     named = {"q": q, "k": k, "v": v}
     dtype = _check_dtypes(problems, named)
+    _check_scale_fits(problems, scale, dtype)
+    known = dtype or next((numpy.dtype(x.dtype) for x in named.values() if is_float_dtype(x.dtype)), None)
+    accum = None if known is None else numpy.dtype(numpy.float64 if known == numpy.float64 else numpy.float32)
     bad_ndim = [name for name, x in named.items() if x.ndim != 4]
     for name in bad_ndim:
         problems.value(f"{name} must have 4 dimensions (batch, seq, heads, head_dim), got shape {tuple(named[name].shape)}")
     if bad_ndim:  # the size checks below need four dimensions to read
-        problems.raise_if_any(what)
+        return None, _Expected(known, accum, None, None)
     (B, Sq, Hq, D), (Bk, Sk, Hkv, Dk), (Bv, Skv, Hv, Dv) = q.shape, k.shape, v.shape
+    expected = _Expected(known, accum, (B, Sq, Hq, Dv), (B, Hq, Sq))
     if not B == Bk == Bv:
         problems.value(f"batch sizes differ: q has {B}, k has {Bk}, v has {Bv}")
     if Sk != Skv:
@@ -232,33 +274,59 @@ def check_forward(q, k, v, *, causal, causal_alignment, scale, backend, window=N
         if not 1 <= d <= MAX_HEAD_DIM:
             problems.value(f"head_dim of {name} must be in 1..{MAX_HEAD_DIM}, got {d}")
     alibi = _check_alibi(problems, alibi_slopes, B, Hq)
-    problems.raise_if_any(what)
+    if problems.any():
+        return None, expected
     left, right = sides
-    return Problem(
+    problem = Problem(
         batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=Hkv, head_dim=D, head_dim_v=Dv,
         dtype=dtype, causal=bool(causal),
         mask_offset=(Sk - Sq) if causal_alignment == "bottom_right" else 0,
         window_left=left, window_right=right, softcap=cap, alibi=alibi,
         scale=(1.0 / math.sqrt(D)) if scale is None else float(scale),
     )
+    return problem, expected
+
+
+def check_forward(q, k, v, *, causal, causal_alignment, scale, backend, window=None, softcap=None,
+                  alibi_slopes=None, what="cuflash.attention", **flags):
+    """Check the operands and options of a forward call; return the resolved ``Problem``.
+
+    ``flags`` are the caller's other boolean options (``return_lse``, a vjp's ``deterministic``),
+    checked here so that they are reported with everything else, before any work."""
+    problems = _Problems()
+    for name, value in flags.items():
+        check_bool(problems, name, value)
+    problem, _ = _check_forward(problems, q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
+                                backend=backend, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    problems.raise_if_any(what)
+    return problem
+
+
+def check_bool(problems, name, value):
+    """Booleans must be booleans: a string such as "no" is truthy and would silently mean True."""
+    if not isinstance(value, (bool, numpy.bool_)):
+        problems.type(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def check_backward(dout, q, k, v, out, lse, *, causal, causal_alignment, scale, deterministic, backend, window=None,
                    softcap=None, alibi_slopes=None, what="cuflash.attention_backward"):
-    """Check a backward call: the forward's checks plus dout, out and lse against them."""
-    problem = check_forward(q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale, backend=backend,
-                            window=window, softcap=softcap, alibi_slopes=alibi_slopes, what=what)
+    """Check a backward call: the forward's checks plus dout, out and lse against them, all
+    reported in one error."""
     problems = _Problems()
-    if not isinstance(deterministic, (bool, numpy.bool_)):
-        problems.type(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    problem, expected = _check_forward(problems, q, k, v, causal=causal, causal_alignment=causal_alignment,
+                                       scale=scale, backend=backend, window=window, softcap=softcap,
+                                       alibi_slopes=alibi_slopes)
+    check_bool(problems, "deterministic", deterministic)
     for name, x in (("dout", dout), ("out", out)):
-        if numpy.dtype(x.dtype) != problem.dtype:
-            problems.type(f"{name} has dtype {numpy.dtype(x.dtype)}; expected {problem.dtype} like q, k, v")
-        if tuple(x.shape) != problem.out_shape:
-            problems.value(f"{name} must have shape (B, Sq, Hq, Dv) = {problem.out_shape}, got {tuple(x.shape)}")
-    if numpy.dtype(lse.dtype) != problem.accum_dtype:
-        problems.type(f"lse has dtype {numpy.dtype(lse.dtype)}; expected {problem.accum_dtype} (as returned by attention)")
-    if tuple(lse.shape) != problem.lse_shape:
-        problems.value(f"lse must have shape (B, Hq, Sq) = {problem.lse_shape}, got {tuple(lse.shape)}")
+        if not is_float_dtype(x.dtype):
+            problems.type(f"{name} has dtype {numpy.dtype(x.dtype)}; expected one of float16, bfloat16, float32, float64")
+        elif expected.dtype is not None and numpy.dtype(x.dtype) != expected.dtype:
+            problems.type(f"{name} has dtype {numpy.dtype(x.dtype)}; expected {expected.dtype} like q, k, v")
+        if expected.out_shape is not None and tuple(x.shape) != expected.out_shape:
+            problems.value(f"{name} must have shape (B, Sq, Hq, Dv) = {expected.out_shape}, got {tuple(x.shape)}")
+    if expected.accum_dtype is not None and numpy.dtype(lse.dtype) != expected.accum_dtype:
+        problems.type(f"lse has dtype {numpy.dtype(lse.dtype)}; expected {expected.accum_dtype} (as returned by attention)")
+    if expected.lse_shape is not None and tuple(lse.shape) != expected.lse_shape:
+        problems.value(f"lse must have shape (B, Hq, Sq) = {expected.lse_shape}, got {tuple(lse.shape)}")
     problems.raise_if_any(what)
     return problem

@@ -10,6 +10,11 @@ LSE = log Σ_j exp(logit_ij) over visible keys. Which keys are visible is ``prob
 to query i iff i + offset − left <= j <= i + offset + right (causal: right = 0), with
 offset = Sk − Sq (bottom-right) or 0 (top-left). A row with no visible key has O = 0 and
 LSE = −inf, and receives and passes on zero gradient.
+
+NaN and ±inf in the inputs follow the arithmetic exactly, pair by pair: every sum runs over the
+visible (query, key) pairs only, so an output is NaN exactly when a term it depends on is, and a
+value the mask hides never reaches anything (the backends' tiles may spread it further: see the
+README's "NaN and infinity").
 """
 
 import numpy
@@ -38,21 +43,42 @@ def _checked(what, options, alibi_slopes, **operands):
     return arrays, slopes, problem
 
 
+def _visible_matmul(W, X, seen):
+    """W @ X summed over the visible pairs only: (…, I, J) @ (…, J, D) with ``seen`` (I, J).
+
+    Exactly what Σ_j over the keys (or rows) the mask lets a pair see gives, with IEEE arithmetic
+    on those terms: a NaN or ±inf in a row of X reaches the outputs whose pairs see it and no other
+    (a plain product would also give 0 · NaN = NaN where W is 0 on hidden pairs)."""
+    W = numpy.where(seen, W, 0.0)
+    bad = (~numpy.isfinite(X)).any(axis=(-1, *range(X.ndim - 2)))  # rows of X with a non-finite value
+    if not bad.any():
+        return W @ X
+    out = W @ numpy.where(bad[:, None], 0.0, X)
+    terms = W[..., bad][..., None] * X[..., bad, :][..., None, :, :]  # (…, I, n_bad, D)
+    return out + numpy.where(seen[:, bad][..., None], terms, 0.0).sum(axis=-2)
+
+
 def _scores_and_probabilities(problem, slopes, q, k):
-    """S (B, Hq, Sq, Sk), before the score modifiers, P and LSE (B, Hq, Sq), all float64."""
+    """S (B, Hq, Sq, Sk), before the score modifiers, P and LSE (B, Hq, Sq), all float64.
+
+    Rows that see no key get P = 0 and LSE = −inf by rule; every other row gets what the
+    arithmetic gives, NaN and ±inf included (+inf among the logits makes the row NaN; logits that
+    are all −inf give P = 0/0 = NaN and LSE = log 0 = −inf)."""
     Q, K = _bhsd(q), _bhsd(k, problem.group_size)
     S = problem.scale * (Q @ K.transpose(0, 1, 3, 2))
+    seen = problem.mask.matrix()
+    live = seen.any(axis=-1)[:, None]
     logits = _score_mod.logits(S, problem, slopes, numpy.arange(problem.seqlen_q), numpy.arange(problem.seqlen_k))
-    logits = numpy.where(problem.mask.matrix(), logits, -numpy.inf)
+    logits = numpy.where(seen, logits, -numpy.inf)
     row_max = logits.max(axis=-1, initial=-numpy.inf, keepdims=True)
-    # A fully masked row has max −inf; shifting by 0 instead keeps exp(−inf) = 0 rather than NaN.
+    # Shifting a row whose logits are all −inf by 0 instead keeps exp(−inf) = 0 rather than NaN.
     shift = numpy.where(numpy.isneginf(row_max), 0.0, row_max)
-    E = numpy.exp(logits - shift)
-    row_sum = E.sum(axis=-1, keepdims=True)
-    with numpy.errstate(divide="ignore", invalid="ignore"):
-        P = numpy.where(row_sum > 0, E / row_sum, 0.0)
-        lse = numpy.where(row_sum[..., 0] > 0, shift[..., 0] + numpy.log(row_sum[..., 0]), -numpy.inf)
-    return S, P, lse
+    with numpy.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        E = numpy.where(seen, numpy.exp(logits - shift), 0.0)
+        row_sum = E.sum(axis=-1, keepdims=True)
+        P = numpy.where(live, E / row_sum, 0.0)
+        lse = numpy.where(live, shift + numpy.log(row_sum), -numpy.inf)[..., 0]
+    return S, P, lse, seen
 
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
@@ -64,9 +90,8 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
     """
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
     arrays, slopes, problem = _checked("cuflash.reference.attention", options, alibi_slopes, q=q, k=k, v=v)
-    _, P, lse = _scores_and_probabilities(problem, slopes, arrays["q"], arrays["k"])
-    # A row that sees no key has out = 0 whatever V holds (P = 0 times a NaN would not be 0).
-    out = numpy.where(numpy.isneginf(lse)[..., None], 0.0, P @ _bhsd(arrays["v"], problem.group_size))
+    _, P, lse, seen = _scores_and_probabilities(problem, slopes, arrays["q"], arrays["k"])
+    out = _visible_matmul(P, _bhsd(arrays["v"], problem.group_size), seen)
     return out.transpose(0, 2, 1, 3), lse
 
 
@@ -86,17 +111,16 @@ def attention_backward(dout, q, k, v, *, causal=False, causal_alignment="bottom_
         raise ValueError(f"dout must have shape (B, Sq, Hq, Dv) = {problem.out_shape}, "
                          f"got {tuple(arrays['dout'].shape)}")
     g = problem.group_size
-    S, P, _ = _scores_and_probabilities(problem, slopes, arrays["q"], arrays["k"])
+    S, P, _, seen = _scores_and_probabilities(problem, slopes, arrays["q"], arrays["k"])
     Q, K, V, dO = _bhsd(arrays["q"]), _bhsd(arrays["k"], g), _bhsd(arrays["v"], g), _bhsd(arrays["dout"])
-    # Only visible pairs enter the Jacobian, and a row that sees no key passes on no gradient,
-    # whatever its dO or the hidden values hold (0 · NaN would not be 0).
-    seen = problem.mask.matrix()
-    dO = numpy.where(seen.any(axis=-1)[:, None], dO, 0.0)
-    dV = P.transpose(0, 1, 3, 2) @ dO
-    dP = numpy.where(seen, dO @ V.transpose(0, 1, 3, 2), 0.0)
-    dS = _score_mod.score_grad(P * (dP - (P * dP).sum(axis=-1, keepdims=True)), S, problem)
-    dQ = problem.scale * (dS @ K)
-    dK = problem.scale * (dS.transpose(0, 1, 3, 2) @ Q)
+    # Only visible pairs enter any sum, so a row that sees no key passes on no gradient and a key
+    # no row sees receives none, whatever dO or the hidden values hold.
+    with numpy.errstate(invalid="ignore", over="ignore"):
+        dV = _visible_matmul(P.transpose(0, 1, 3, 2), dO, seen.T)
+        dP = numpy.where(seen, dO @ V.transpose(0, 1, 3, 2), 0.0)
+        dS = numpy.where(seen, _score_mod.score_grad(P * (dP - (P * dP).sum(axis=-1, keepdims=True)), S, problem), 0.0)
+        dQ = problem.scale * _visible_matmul(dS, K, seen)
+        dK = problem.scale * _visible_matmul(dS.transpose(0, 1, 3, 2), Q, seen.T)
 
     def per_kv_head(x):
         B, H, S, D = x.shape

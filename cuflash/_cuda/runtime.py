@@ -63,6 +63,19 @@ def program_text(filename, defines):
     return _defines_block(defines) + cuda_source(filename) + layout_asserts()
 
 
+def _driver_loadable():
+    """Whether the NVIDIA driver's CUDA library can be loaded at all."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 @functools.lru_cache(maxsize=1)
 def gpu_available():
     """``(True, description)`` when CuPy can run kernels here, else ``(False, reason)``. Never raises."""
@@ -73,6 +86,9 @@ def gpu_available():
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
+        if not _driver_loadable():
+            # The CUDA runtime reports a missing driver as an insufficient one; say what it is.
+            return False, "no NVIDIA driver found (libcuda could not be loaded): this machine has no usable NVIDIA GPU"
         return False, f"no usable CUDA device ({type(exc).__name__}: {exc})"
     if count == 0:
         return False, "no CUDA device is visible"
