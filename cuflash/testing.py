@@ -439,6 +439,10 @@ class AttentionProblem:
                 f"Dv={self.Dv}, dtype={self.dtype.name}, options={options}, seed={self.seed}, "
                 f"layouts={self.layouts})")
 
+    def _repr_pretty_(self, printer, cycle):
+        """Hypothesis (and IPython) print a falsifying example through this: the short repr."""
+        printer.text(repr(self))
+
 
 def _edge_lengths(lo, hi):
     """Sequence lengths worth drawing often: 0–3, one either side of each power of two from 16 (tile
