@@ -1,7 +1,18 @@
 """cuflash: exact FlashAttention for CuPy, NumPy and any DLPack array, with no PyTorch dependency.
 
-Public API: ``attention``, ``attention_backward``, ``attention_vjp``, ``gpu_available`` and the
-float64 ground truth in ``cuflash.reference``.
+Public API: ``attention``, ``attention_backward``, ``attention_vjp``, ``gpu_available``, the
+exceptions ``BackendUnavailableError``, ``KernelCompileError`` and ``KernelLaunchError`` (both
+``KernelError``s), and the float64 ground truth in ``cuflash.reference``.
+
+Modules imported on their own (``import cuflash`` loads none of them, nor PyTorch, JAX or Hypothesis):
+
+- ``cuflash.torch``: ``attention`` with PyTorch autograd, as torch operators (``torch.compile``,
+  CUDA graphs).
+- ``cuflash.jax``: ``attention`` under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
+- ``cuflash.distributed``: ring attention over a sequence sharded across ranks (context
+  parallelism), forward and backward.
+- ``cuflash.testing``: Hypothesis strategies that draw attention problems and assertions that hold
+  a result to the float64 reference by the same-dtype accuracy rule, for your own test suite.
 """
 
 from . import reference

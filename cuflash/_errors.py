@@ -23,3 +23,10 @@ class KernelCompileError(KernelError):
 
 class KernelLaunchError(KernelError):
     """The CUDA driver refused or failed a kernel launch."""
+
+
+# Users meet these as cuflash.X (that is where they are exported), and tracebacks and help() should
+# say so rather than name this private module.
+for _cls in (BackendUnavailableError, KernelError, KernelCompileError, KernelLaunchError):
+    _cls.__module__ = "cuflash"
+del _cls
