@@ -1,6 +1,6 @@
 """Arrays in, arrays out: callers' arrays become NumPy/CuPy arrays, results go back as the caller's type.
 
-The rules (``docs/interop.md`` states them for users):
+The rules (the README's "Using cuflash from NumPy, CuPy, PyTorch and JAX" states them for users):
 
 - NumPy and CuPy arrays are used as they are. Any other object with ``__dlpack__`` and
   ``__dlpack_device__`` (PyTorch tensors, JAX arrays, ...) is imported without a copy: CPU memory
