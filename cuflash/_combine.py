@@ -69,7 +69,7 @@ def merge(out_a, lse_a, out_b, lse_b, *, out=None, lse=None):
     lse_a, lse_b : arrays (...)
         Their log-sum-exps (natural logarithm), −inf on rows that saw no key.
     out, lse : arrays, optional
-        Where to write the result (any strides; cast to their dtype on assignment). ``out`` may be
+        Where to write the result (any strides, a float dtype). ``out`` may be
         ``out_a`` and ``lse`` may be ``lse_a``, to accumulate in place; neither may overlap the
         B operands.
 
@@ -100,13 +100,13 @@ def merge(out_a, lse_a, out_b, lse_b, *, out=None, lse=None):
         term_b = out_b.astype(acc)
         term_b *= w_b[..., None]
         xp.copyto(term_b, 0, where=empty_b)  # 0, not 0 · (whatever an empty part's out holds)
-        xp.multiply(out_a.astype(acc, copy=False), w_a[..., None], out=out, casting="unsafe")
+        xp.multiply(out_a.astype(acc, copy=False), w_a[..., None], out=out)
         xp.copyto(out, 0, where=empty_a)
         out += term_b
     if lse is None:
         lse = merged_lse
     else:
-        xp.copyto(lse, merged_lse, casting="unsafe")
+        xp.copyto(lse, merged_lse)
     return out, lse
 
 

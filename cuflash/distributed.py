@@ -360,7 +360,7 @@ def _backward(ring, problem, dout, q, k, v, out, lse, options):
             rows, cols = call.rows, call.cols
             dq_c, dk_c, dv_c = attention_backward(dout[:, rows], q[:, rows], k_s[:, cols], v_s[:, cols], out[:, rows],
                                                   lse[:, :, rows], **call.mask_options(), **options)
-            dq[:, rows] += dq_c
+            dq[:, rows] += dq_c.astype(acc, copy=False)
             pieces.append((cols, dk_c, dv_c))
         source = ring.source(step)
         held = _views(grads[step % 2], (k, v), lambda x: ring.block_shape(x, source))
@@ -370,8 +370,8 @@ def _backward(ring, problem, dout, q, k, v, out, lse, options):
         else:  # they arrived from rank − 1 while this step computed
             pending.wait()
         for cols, dk_c, dv_c in pieces:
-            held[0][:, cols] += dk_c
-            held[1][:, cols] += dv_c
+            held[0][:, cols] += dk_c.astype(acc, copy=False)
+            held[1][:, cols] += dv_c.astype(acc, copy=False)
         if ring.size > 1:
             # To rank + 1, which adds its share next step; after the last step, home to the owner.
             following = ring.source(step + 1)

@@ -54,7 +54,7 @@ def test_merging_the_parts_of_a_key_split_gives_attention_over_all_keys(seed, Sq
         assert got_out.dtype == got_lse.dtype == numpy.float64
         numpy.testing.assert_allclose(got_out, out, rtol=0, atol=1e-13)
         assert numpy.array_equal(numpy.isneginf(got_lse), numpy.isneginf(lse))  # Sk = 0: every row empty
-        numpy.testing.assert_allclose(got_lse[numpy.isfinite(lse)], lse[numpy.isfinite(lse)], rtol=1e-14)
+        numpy.testing.assert_allclose(got_lse[numpy.isfinite(lse)], lse[numpy.isfinite(lse)], rtol=1e-14, atol=1e-14)
         assert not numpy.isnan(got_out).any()
 
 
@@ -240,7 +240,7 @@ def _assert_equal_within_rounding(ring, single, q, k, v, dout, scale=None):
         assert err <= bound, f"{name}: ring differs from single-device attention by {err:.3g} > {bound:.3g}"
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=SEEDS, world=st.integers(1, 8), layout=LAYOUT, causal=st.booleans(), B=st.integers(1, 2),
        Hkv=st.integers(1, 2), group=st.sampled_from([1, 3]), D=st.integers(1, 8), Dv=st.integers(1, 8),
        dtype=st.sampled_from([numpy.float32, numpy.float64]), softcap=st.sampled_from([None, 2.5]), data=st.data())
