@@ -41,6 +41,10 @@ from ._interop import as_host_arrays
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
+__all__ = ["AttentionProblem", "BFLOAT16", "DTYPES", "FEATURES", "HEAD_DIMS", "LAYOUTS", "alibi_bias",
+           "assert_attention_close", "assert_attention_grads_close", "assert_lse_close", "assert_within_naive_error",
+           "attention_problems", "magnitudes", "naive_same_dtype", "random_inputs", "windows"]
+
 try:
     import ml_dtypes
 
@@ -74,7 +78,8 @@ Window = Optional[tuple]
 
 def random_inputs(rng: numpy.random.Generator, B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, Dv: int,
                   dtype: Any) -> tuple:
-    """``(q, k, v, dout)``: standard-normal BSHD NumPy arrays in ``dtype`` (never zeros)."""
+    """``(q, k, v, dout)``: standard-normal BSHD NumPy arrays in ``dtype``. Never zeros or constants,
+    which would let an implementation that drops or mixes up an operand pass."""
     def draw(shape):
         return rng.standard_normal(shape).astype(dtype)
 
@@ -140,7 +145,8 @@ def naive_same_dtype(q: Array, k: Array, v: Array, dout: Optional[Array], *, cau
     dS and the gradients are each rounded to q's dtype, as a framework's plain code would. The
     mask and the score modifiers (softcap c · tanh(S / c), then the ALiBi bias) are written out
     here from their definitions, independently of cuflash. With ``dout=None`` only ``out`` is
-    computed (the gradients come back as None). NumPy float64 arrays, BSHD.
+    computed (the gradients come back as None). Returns BSHD float64 NumPy arrays; the inputs may
+    be any array cuflash takes.
     """
     q, k, v = _host("q", q), _host("k", k), _host("v", v)
     dtype = q.dtype

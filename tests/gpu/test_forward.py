@@ -25,7 +25,7 @@ if _SKIP is None:
     import cupy
 
 GPU_DTYPES = [numpy.dtype(numpy.float16), numpy.dtype(numpy.float32)] + ([BFLOAT16] if BFLOAT16 is not None else [])
-# Tile edges of the forward kernels (64 and 128 rows), Sk = 0 (every row fully masked) and 200.
+# Drawn often: lengths either side of tile edges, Sk = 0 (every row fully masked), and 200.
 LENGTHS = [0, 1, 2, 16, 17, 63, 64, 65, 127, 128, 129, 200]
 
 
