@@ -401,7 +401,7 @@ def _strategies():
     return strategies
 
 
-def windows(causal: bool, sides: "SearchStrategy") -> "SearchStrategy":
+def windows(causal: bool, sides: SearchStrategy) -> SearchStrategy:
     """Strategy: ``window=None``, or ``(left, right)`` with each side drawn from ``sides`` (which may
     hold None, unbounded); with ``causal=True`` the right side is only None or 0, the values causal
     allows."""
@@ -499,7 +499,7 @@ def attention_problems(*, dtypes: Optional[Collection[Any]] = None, max_batch: i
                        head_dims: Optional[Sequence[int]] = None, features: Collection[str] = FEATURES,
                        layouts: Collection[str] = LAYOUTS, scale_range: tuple = (0.01, 2.0),
                        softcap_range: tuple = (0.5, 50.0),
-                       xp: Union[None, Callable[[numpy.ndarray], Array], Any] = None) -> "SearchStrategy":
+                       xp: Union[None, Callable[[numpy.ndarray], Array], Any] = None) -> SearchStrategy:
     """Strategy drawing valid attention problems (``AttentionProblem``), for ``hypothesis.given``.
 
     Shapes: B in 1..``max_batch``; Sq and Sk in ``min_seqlen``..``max_seqlen``, often one of
