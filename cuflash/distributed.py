@@ -67,25 +67,57 @@ LAYOUTS = ("contiguous", "zigzag")
 # Layouts: which global tokens each rank holds.
 # ---------------------------------------------------------------------------------------------
 
-def _check_layout(problems, seqlen, rank, world_size, layout):
-    """Record what is wrong with a (seqlen, rank, world_size, layout); True when all is usable."""
-    start = len(problems.type_errors) + len(problems.value_errors)
-    if not isinstance(layout, str) or layout not in LAYOUTS:
-        problems.value(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not _is_int(world_size):
-        problems.type(f"world_size must be an int, got {type(world_size).__name__}")
-    elif world_size < 1:
-        problems.value(f"world_size must be at least 1, got {world_size}")
-    elif not _is_int(rank):
-        problems.type(f"rank must be an int, got {type(rank).__name__}")
-    elif not 0 <= rank < world_size:
-        problems.value(f"rank must be in 0..{world_size - 1}, got {rank}")
-    if seqlen is not None:
+class _Checks(_Problems):
+    """``_Problems`` with the checks of this module's arguments; each returns whether its value is usable."""
+
+    def count(self):
+        return len(self.type_errors) + len(self.value_errors)
+
+    def layout(self, layout):
+        if isinstance(layout, str) and layout in LAYOUTS:
+            return True
+        self.value(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        return False
+
+    def seqlen(self, seqlen, optional=True):
+        if seqlen is None and optional:
+            return True
         if not _is_int(seqlen):
-            problems.type(f"seqlen must be an int or None, got {type(seqlen).__name__}")
+            self.type(f"seqlen must be an int{' or None' if optional else ''}, got {type(seqlen).__name__}")
         elif seqlen < 0:
-            problems.value(f"seqlen must be non-negative, got {seqlen}")
-    return len(problems.type_errors) + len(problems.value_errors) == start
+            self.value(f"seqlen must be non-negative, got {seqlen}")
+        else:
+            return True
+        return False
+
+    def rank(self, rank, world_size):
+        if not _is_int(world_size):
+            self.type(f"world_size must be an int, got {type(world_size).__name__}")
+        elif world_size < 1:
+            self.value(f"world_size must be at least 1, got {world_size}")
+        elif not _is_int(rank):
+            self.type(f"rank must be an int, got {type(rank).__name__}")
+        elif not 0 <= rank < world_size:
+            self.value(f"rank must be in 0..{world_size - 1}, got {rank}")
+        else:
+            return True
+        return False
+
+    def array(self, name, x):
+        if isinstance(x, numpy.ndarray) or type(x).__module__.split(".")[0] == "cupy":
+            return True
+        self.type(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+        return False
+
+    def axis(self, axis, x, name):
+        """The axis as a non-negative int, or None when it is unusable."""
+        if not _is_int(axis):
+            self.type(f"axis must be an int, got {type(axis).__name__}")
+        elif not -x.ndim <= axis < x.ndim:
+            self.value(f"axis {axis} is out of range for {name} with {x.ndim} dimensions")
+        else:
+            return axis % x.ndim
+        return None
 
 
 def _segments(seqlen, rank, world_size, layout):
@@ -109,64 +141,52 @@ def shard_segments(seqlen, rank, world_size, layout="contiguous"):
     holds chunk r, and under "zigzag" chunk 2P − 1 − r after it. With ``seqlen`` a multiple of P
     every rank holds seqlen / P tokens under both layouts.
     """
-    problems = _Problems()
-    if seqlen is None:
-        problems.type("seqlen must be an int, got None")
-    elif _check_layout(problems, seqlen, rank, world_size, layout):
+    checks = _Checks()
+    if all([checks.seqlen(seqlen, optional=False), checks.rank(rank, world_size), checks.layout(layout)]):
         return _segments(seqlen, rank, world_size, layout)
-    problems.raise_if_any("cuflash.distributed.shard_segments")
+    checks.raise_if_any("cuflash.distributed.shard_segments")
 
 
 def _along(axis, start, stop):
     return (slice(None),) * axis + (slice(start, stop),)
 
 
-def _check_axis(problems, axis, ndim, name):
-    if not _is_int(axis):
-        problems.type(f"axis must be an int, got {type(axis).__name__}")
-    elif not -ndim <= axis < ndim:
-        problems.value(f"axis {axis} is out of range for {name} with {ndim} dimensions")
-    else:
-        return axis % ndim
-    return None
-
-
 def shard(x, rank, world_size, *, layout="contiguous", axis=1):
     """This rank's part of a global sequence: ``x`` (NumPy or CuPy) cut along ``axis`` to the tokens
     of ``shard_segments``. ``axis`` is 1 for BSHD q, k, v, out and dout, 2 for a (B, H, S) lse.
     A view under "contiguous", a copy under "zigzag"."""
-    problems = _Problems()
-    axis = _check_axis(problems, axis, getattr(x, "ndim", 0), "x")
-    if axis is not None and _check_layout(problems, x.shape[axis], rank, world_size, layout):
+    checks = _Checks()
+    axis = checks.axis(axis, x, "x") if checks.array("x", x) else None
+    if all([axis is not None, checks.rank(rank, world_size), checks.layout(layout)]):
         pieces = [x[_along(axis, start, stop)] for start, stop in _segments(x.shape[axis], rank, world_size, layout)]
         return pieces[0] if len(pieces) == 1 else array_module(x).concatenate(pieces, axis=axis)
-    problems.raise_if_any("cuflash.distributed.shard")
+    checks.raise_if_any("cuflash.distributed.shard")
 
 
 def unshard(shards, *, layout="contiguous", axis=1):
     """The global sequence from every rank's shard (``shards[r]`` from rank r): the inverse of ``shard``."""
-    problems = _Problems()
+    checks = _Checks()
     shards = list(shards)
     if not shards:
-        problems.value("shards must hold one array per rank, got none")
-        problems.raise_if_any("cuflash.distributed.unshard")
-    axis = _check_axis(problems, axis, getattr(shards[0], "ndim", 0), "shards[0]")
-    if axis is None or not _check_layout(problems, 0, 0, len(shards), layout):
-        problems.raise_if_any("cuflash.distributed.unshard")
+        checks.value("shards must hold one array per rank, got none")
+    elif all([checks.array(f"shards[{r}]", x) for r, x in enumerate(shards)]):
+        axis = checks.axis(axis, shards[0], "shards[0]")
+    checks.layout(layout)
+    checks.raise_if_any("cuflash.distributed.unshard")
     seqlen = sum(x.shape[axis] for x in shards)
     pieces = []
     for rank, x in enumerate(shards):
         segments = _segments(seqlen, rank, len(shards), layout)
         length = sum(stop - start for start, stop in segments)
         if x.shape[axis] != length:
-            problems.value(f"shards[{rank}] holds {x.shape[axis]} tokens along axis {axis}; rank {rank}'s "
+            checks.value(f"shards[{rank}] holds {x.shape[axis]} tokens along axis {axis}; rank {rank}'s "
                            f"{layout} shard of {seqlen} tokens over {len(shards)} ranks holds {length}")
             continue
         at = 0
         for start, stop in segments:
             pieces.append((start, x[_along(axis, at, at + stop - start)]))
             at += stop - start
-    problems.raise_if_any("cuflash.distributed.unshard")
+    checks.raise_if_any("cuflash.distributed.unshard")
     pieces.sort(key=lambda piece: piece[0])
     return array_module(shards[0]).concatenate([piece for _, piece in pieces], axis=axis)
 
@@ -430,10 +450,10 @@ def _check_comm(problems, comm, q):
 def _checked(what, comm, layout, seqlen, check, named, options):
     """The ``_Ring`` and resolved ``Problem`` of a call, after every check; one TypeError or
     ValueError listing every problem otherwise."""
-    problems = _Problems()
+    problems = _Checks()
     q, k = named["q"], named["k"]
     comm_ok = _check_comm(problems, comm, q)
-    layout_ok = _check_layout(problems, seqlen, 0, 1, layout)
+    layout_ok = all([problems.layout(layout), problems.seqlen(seqlen)])
     if q.ndim == 4 and k.ndim == 4:
         length = q.shape[1]
         if k.shape[1] != length:

@@ -366,6 +366,10 @@ def test_layout_helpers_refuse_bad_arguments():
         distributed.unshard([x[:, :2], x[:, :3]])
     with pytest.raises(TypeError, match="seqlen must be an int"):
         distributed.shard_segments(None, 0, 2)
+    with pytest.raises(TypeError, match="x must be a NumPy or CuPy array, got list"):
+        distributed.shard([[1, 2]], 0, 2)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        distributed.unshard([x], layout="rows")
     with pytest.raises(ValueError, match="world_size must be an int of at least 1"):
         distributed.LoopbackRing(0)
 
