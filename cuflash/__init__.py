@@ -1,6 +1,8 @@
 """cuflash: exact FlashAttention for CuPy, NumPy and any DLPack array, with no PyTorch dependency.
 
-Public API: ``attention``, ``attention_backward``, ``attention_vjp``, ``gpu_available``, the
+Public API: ``attention``, ``attention_backward``, ``attention_vjp`` (dense and padded batches),
+``attention_varlen``, ``attention_varlen_backward``, ``attention_varlen_vjp`` (packed sequences),
+``attention_with_kvcache`` (decoding against a dense or paged cache), ``gpu_available``, the
 exceptions ``BackendUnavailableError``, ``KernelCompileError`` and ``KernelLaunchError`` (both
 ``KernelError``s), and the float64 ground truth in ``cuflash.reference``.
 
@@ -17,6 +19,7 @@ Modules imported on their own (``import cuflash`` loads none of them, nor PyTorc
 
 from . import reference
 from ._api import attention, attention_backward, attention_vjp
+from ._ragged_api import attention_varlen, attention_varlen_backward, attention_varlen_vjp, attention_with_kvcache
 from ._cuda.runtime import gpu_available
 from ._errors import BackendUnavailableError, KernelCompileError, KernelError, KernelLaunchError
 
@@ -26,6 +29,10 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_vjp",
+    "attention_varlen",
+    "attention_varlen_backward",
+    "attention_varlen_vjp",
+    "attention_with_kvcache",
     "gpu_available",
     "reference",
     "BackendUnavailableError",

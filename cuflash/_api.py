@@ -5,7 +5,7 @@ options, so they are made once per such combination and kept (``_plan``): a repe
 for a dictionary lookup instead. Arrays themselves (pointers, strides) are never part of the key.
 """
 
-from . import _dispatch
+from . import _dispatch, _ragged_api
 from ._interop import export, import_operands
 from ._problem import check_backward, check_forward
 
@@ -48,10 +48,14 @@ def _doc(text):
 
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
-              alibi_slopes=None, scale=None, return_lse=False, backend="auto"):
+              alibi_slopes=None, scale=None, return_lse=False, seqlens_q=None, seqlens_k=None, backend="auto"):
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale,
                    return_lse=return_lse)
-    out, lse = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention")
+    if seqlens_q is not None or seqlens_k is not None:
+        out, lse = _ragged_api.padded_forward(q, k, v, seqlens_q, seqlens_k, alibi_slopes,
+                                              dict(options, backend=backend), "cuflash.attention")
+    else:
+        out, lse = _forward(q, k, v, alibi_slopes, options, backend, "cuflash.attention")
     return (out, lse) if return_lse else out
 
 
@@ -76,6 +80,10 @@ attention.__doc__ = _doc("""Exact attention softmax(scale · Q Kᵀ) V, computed
         Multiplies Q Kᵀ; defaults to 1/sqrt(D).
     return_lse : bool
         Also return the log-sum-exp of each row, which ``attention_backward`` needs.
+    seqlens_q, seqlens_k : int32 arrays of shape (B,), optional
+        Padded batches: the valid length of each batch element's queries / keys, at the start of
+        its rows. Padded query rows get out = 0 and lse = −inf; padded keys are never read.
+        Masks, windows and ALiBi align with each element's own lengths.
     backend : {"auto", "cuda", "numpy"}
         "auto" runs the CUDA kernels when CuPy and a usable GPU are present (NumPy inputs are
         copied there and back) and the NumPy backend otherwise; float64 always runs on the NumPy
@@ -192,9 +200,13 @@ def _backward(dout, q, k, v, out, lse, alibi_slopes, options, backend, what):
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, causal_alignment="bottom_right", window=None,
-                       softcap=None, alibi_slopes=None, scale=None, deterministic=False, backend="auto"):
+                       softcap=None, alibi_slopes=None, scale=None, deterministic=False, seqlens_q=None,
+                       seqlens_k=None, backend="auto"):
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale,
                    deterministic=deterministic)
+    if seqlens_q is not None or seqlens_k is not None:
+        return _ragged_api.padded_backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, alibi_slopes,
+                                           dict(options, backend=backend), "cuflash.attention_backward")
     return _backward(dout, q, k, v, out, lse, alibi_slopes, options, backend, "cuflash.attention_backward")
 
 
@@ -209,8 +221,9 @@ attention_backward.__doc__ = _doc("""Gradients (dq, dk, dv) of attention, given 
     dout : array (B, Sq, Hq, Dv), the dtype of q
     q, k, v : the forward's inputs
     out, lse : the forward's outputs (``attention(..., return_lse=True)``)
-    causal, causal_alignment, window, softcap, alibi_slopes, scale, backend :
-        As in ``attention``; they must match the forward call.
+    causal, causal_alignment, window, softcap, alibi_slopes, scale, seqlens_q, seqlens_k, backend :
+        As in ``attention``; they must match the forward call. Padded rows and keys get zero
+        gradients.
     deterministic : bool
         GPU only: accumulate dq without atomics, so repeated calls give bitwise-identical
         results (at some cost in speed). The NumPy backend is always deterministic.
@@ -222,7 +235,8 @@ attention_backward.__doc__ = _doc("""Gradients (dq, dk, dv) of attention, given 
 
 
 def attention_vjp(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
-                  alibi_slopes=None, scale=None, deterministic=False, backend="auto"):
+                  alibi_slopes=None, scale=None, deterministic=False, seqlens_q=None, seqlens_k=None,
+                  backend="auto"):
     """Attention for code without autograd: returns ``out`` and a function ``vjp(dout) -> (dq, dk, dv)``.
 
     Runs the forward once (keeping its lse), and each ``vjp`` call runs the backward on the saved
@@ -235,12 +249,16 @@ def attention_vjp(q, k, v, *, causal=False, causal_alignment="bottom_right", win
     """
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
     # deterministic is checked now with the rest, not first when vjp() runs.
-    out, lse = _forward(q, k, v, alibi_slopes, dict(options, deterministic=deterministic), backend,
-                        "cuflash.attention_vjp")
+    checked = dict(options, deterministic=deterministic)
+    if seqlens_q is not None or seqlens_k is not None:
+        out, lse = _ragged_api.padded_forward(q, k, v, seqlens_q, seqlens_k, alibi_slopes,
+                                              dict(checked, backend=backend), "cuflash.attention_vjp")
+    else:
+        out, lse = _forward(q, k, v, alibi_slopes, checked, backend, "cuflash.attention_vjp")
     saved = (q, k, v, out, lse)
 
     def vjp(dout):
         return attention_backward(dout, *saved, alibi_slopes=alibi_slopes, deterministic=deterministic,
-                                  backend=backend, **options)
+                                  seqlens_q=seqlens_q, seqlens_k=seqlens_k, backend=backend, **options)
 
     return out, vjp

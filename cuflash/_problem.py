@@ -240,9 +240,15 @@ class _Expected:
     lse_shape: Optional[tuple]
 
 
-def _check_forward(problems, q, k, v, *, causal, causal_alignment, scale, backend, window, softcap, alibi_slopes):
+def _check_forward(problems, q, k, v, *, causal, causal_alignment, scale, backend, window, softcap, alibi_slopes,
+                   **flags):
     """Record every problem of a forward call in ``problems``; return the resolved ``Problem``
-    (None when anything is wrong) and what its operands imply for a backward call."""
+    (None when anything is wrong) and what its operands imply for a backward call.
+
+    ``flags`` are the caller's other boolean options (``return_lse``, ``deterministic``), checked
+    here so that they are reported with everything else, before any work."""
+    for name, value in flags.items():
+        check_bool(problems, name, value)
     _check_options(problems, causal, causal_alignment, scale, backend)
     sides = _check_window(problems, window, causal)
     cap = _check_softcap(problems, softcap)
@@ -290,14 +296,10 @@ def _check_forward(problems, q, k, v, *, causal, causal_alignment, scale, backen
 def check_forward(q, k, v, *, causal, causal_alignment, scale, backend, window=None, softcap=None,
                   alibi_slopes=None, what="cuflash.attention", **flags):
     """Check the operands and options of a forward call; return the resolved ``Problem``.
-
-    ``flags`` are the caller's other boolean options (``return_lse``, a vjp's ``deterministic``),
-    checked here so that they are reported with everything else, before any work."""
+    ``flags``: boolean options of the caller (see ``_check_forward``)."""
     problems = _Problems()
-    for name, value in flags.items():
-        check_bool(problems, name, value)
     problem, _ = _check_forward(problems, q, k, v, causal=causal, causal_alignment=causal_alignment, scale=scale,
-                                backend=backend, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+                                backend=backend, window=window, softcap=softcap, alibi_slopes=alibi_slopes, **flags)
     problems.raise_if_any(what)
     return problem
 
@@ -315,8 +317,7 @@ def check_backward(dout, q, k, v, out, lse, *, causal, causal_alignment, scale, 
     problems = _Problems()
     problem, expected = _check_forward(problems, q, k, v, causal=causal, causal_alignment=causal_alignment,
                                        scale=scale, backend=backend, window=window, softcap=softcap,
-                                       alibi_slopes=alibi_slopes)
-    check_bool(problems, "deterministic", deterministic)
+                                       alibi_slopes=alibi_slopes, deterministic=deterministic)
     for name, x in (("dout", dout), ("out", out)):
         if not is_float_dtype(x.dtype):
             problems.type(f"{name} has dtype {numpy.dtype(x.dtype)}; expected one of float16, bfloat16, float32, float64")

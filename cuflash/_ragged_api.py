@@ -1,0 +1,192 @@
+"""The public functions for ragged batches: packed sequences, padded lengths and key/value caches.
+
+``_ragged`` checks the offsets and lengths and turns them into segments (one dense problem per
+sequence); here they are run and the results handed back in the caller's array type. In this
+version ragged calls run on the NumPy backend (GPU operands are copied to the host and back, and
+a GPU cache is appended to on the GPU); ``backend="cuda"`` says so.
+"""
+
+import numpy
+
+from . import _dispatch, _numpy_backend, _ragged
+from ._errors import BackendUnavailableError
+from ._interop import export, import_operands
+
+_NOT_ON_GPU = ("ragged batches (packed sequences, padded lengths, key/value caches) run on the NumPy "
+               "backend in this version; use backend=\"auto\" or \"numpy\"")
+
+
+def _host(x):
+    return x if x is None or isinstance(x, numpy.ndarray) else x.get()
+
+
+def _backend(backend, what):
+    """The NumPy backend for ragged calls: ``auto`` and ``numpy`` take it, ``cuda`` is refused
+    (bad values of ``backend`` are reported by the checks, with everything else)."""
+    if backend == "cuda":
+        raise BackendUnavailableError(f"backend='cuda' cannot run {what}: {_NOT_ON_GPU}")
+
+
+def _import(what, **operands):
+    """The given operands (None ones skipped) as NumPy/CuPy arrays by name, and their origin."""
+    given = {name: x for name, x in operands.items() if x is not None}
+    arrays, origin = import_operands(what, **given)
+    imported = dict(zip(given, arrays))
+    return {name: imported.get(name) for name in operands}, origin
+
+
+def _deliver(origin, results):
+    """Host results as the caller's arrays (copied to the GPU for GPU callers)."""
+    return tuple(export(r, origin) for r in results)
+
+
+def _in_frame(x):
+    """A packed operand (rows, H, ·) or lse (H, rows) seen as one batch element."""
+    return x[None]
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                     causal_alignment="bottom_right", window=None, softcap=None, alibi_slopes=None, scale=None,
+                     return_lse=False, backend="auto"):
+    """Attention over packed sequences of different lengths ("varlen", FlashAttention's
+    ``flash_attn_varlen_func``).
+
+    q is (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv): the B sequences one after the
+    other. Sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k and v (int32 offsets, B + 1 of them, from 0 to the
+    number of rows, non-decreasing: empty sequences are allowed). Attention never crosses
+    sequences; within one, everything is ``cuflash.attention`` with that sequence's lengths
+    (causal and window alignment, ALiBi distances, fully masked rows). ``alibi_slopes`` may be
+    (Hq,) or (B, Hq), one row per sequence. ``max_seqlen_q/k`` are optional upper bounds on the
+    lengths (checked). Offsets on the GPU are copied to the host to be checked (B + 1 numbers).
+
+    Returns out (total_q, Hq, Dv) and, with ``return_lse=True``, lse (Hq, total_q).
+    """
+    what = "cuflash.attention_varlen"
+    a, origin = _import(what, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                        alibi_slopes=alibi_slopes)
+    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale,
+                   backend=backend)
+    base, segments = _ragged.check_varlen(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"],
+                                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                          alibi_slopes=a["alibi_slopes"], what=what, return_lse=return_lse,
+                                          **options)
+    _backend(backend, what)
+    qh, kh, vh, slopes = map(_host, (a["q"], a["k"], a["v"], a["alibi_slopes"]))
+    out = _dispatch._empty(numpy, qh.shape[:2] + vh.shape[2:], base.dtype)
+    lse = _dispatch._empty(numpy, (qh.shape[1], qh.shape[0]), base.accum_dtype)
+    _ragged.run_forward(_numpy_backend.forward, _in_frame(qh), _in_frame(kh), _in_frame(vh), slopes,
+                        _in_frame(out), _in_frame(lse), base, segments, causal_alignment)
+    out, lse = _deliver(origin, (out, lse))
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
+                              max_seqlen_k=None, causal=False, causal_alignment="bottom_right", window=None,
+                              softcap=None, alibi_slopes=None, scale=None, deterministic=False, backend="auto"):
+    """Gradients (dq, dk, dv) of ``attention_varlen``, given dout (total_q, Hq, Dv) and the
+    forward's out and lse (``return_lse=True``); options must match the forward's."""
+    what = "cuflash.attention_varlen_backward"
+    a, origin = _import(what, dout=dout, q=q, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q,
+                        cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
+    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale,
+                   backend=backend)
+    base, segments = _ragged.check_varlen(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"],
+                                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                          alibi_slopes=a["alibi_slopes"], what=what, dout=a["dout"], out=a["out"],
+                                          lse=a["lse"], deterministic=deterministic, **options)
+    _backend(backend, what)
+    host = {name: _host(x) for name, x in a.items()}
+    grads = [_dispatch._empty(numpy, host[name].shape, base.dtype) for name in ("q", "k", "v")]
+    frames = [_in_frame(host[name]) for name in ("dout", "q", "k", "v", "out", "lse")]
+    _ragged.run_backward(_numpy_backend.backward, *frames, host["alibi_slopes"], *map(_in_frame, grads), base,
+                         segments, causal_alignment)
+    return _deliver(origin, tuple(grads))
+
+
+def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, *, deterministic=False, **options):
+    """``attention_varlen`` for code without autograd: returns ``out`` and ``vjp(dout) -> (dq, dk, dv)``."""
+    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **options)
+
+    def vjp(dout):
+        return attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                         deterministic=deterministic, **options)
+
+    return out, vjp
+
+
+def padded_forward(q, k, v, seqlens_q, seqlens_k, alibi_slopes, options, what):
+    """``cuflash.attention`` with ``seqlens_q``/``seqlens_k``: (out, lse) in the caller's type."""
+    a, origin = _import(what, q=q, k=k, v=v, seqlens_q=seqlens_q, seqlens_k=seqlens_k, alibi_slopes=alibi_slopes)
+    alignment = options["causal_alignment"]
+    base, segments = _ragged.check_padded(a["q"], a["k"], a["v"], a["seqlens_q"], a["seqlens_k"],
+                                          alibi_slopes=a["alibi_slopes"], what=what, **options)
+    _backend(options["backend"], what)
+    qh, kh, vh, slopes = map(_host, (a["q"], a["k"], a["v"], a["alibi_slopes"]))
+    out = _dispatch._empty(numpy, base.out_shape, base.dtype)
+    lse = _dispatch._empty(numpy, base.lse_shape, base.accum_dtype)
+    _ragged.run_forward(_numpy_backend.forward, qh, kh, vh, slopes, out, lse, base, segments, alignment)
+    return _deliver(origin, (out, lse))
+
+
+def padded_backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, alibi_slopes, options, what):
+    """``cuflash.attention_backward`` with ``seqlens_q``/``seqlens_k``: (dq, dk, dv)."""
+    a, origin = _import(what, dout=dout, q=q, k=k, v=v, out=out, lse=lse, seqlens_q=seqlens_q, seqlens_k=seqlens_k,
+                        alibi_slopes=alibi_slopes)
+    base, segments = _ragged.check_padded(a["q"], a["k"], a["v"], a["seqlens_q"], a["seqlens_k"],
+                                          alibi_slopes=a["alibi_slopes"], what=what, dout=a["dout"], out=a["out"],
+                                          lse=a["lse"], **options)
+    _backend(options["backend"], what)
+    host = {name: _host(x) for name, x in a.items()}
+    grads = [_dispatch._empty(numpy, host[name].shape, base.dtype) for name in ("q", "k", "v")]
+    _ragged.run_backward(_numpy_backend.backward, *(host[n] for n in ("dout", "q", "k", "v", "out", "lse")),
+                         host["alibi_slopes"], *grads, base, segments, options["causal_alignment"])
+    return _deliver(origin, tuple(grads))
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None,
+                           causal=False, window=None, softcap=None, alibi_slopes=None, scale=None, return_lse=False,
+                           backend="auto"):
+    """Attention of new queries against a key/value cache (decoding; FlashAttention's
+    ``flash_attn_with_kvcache``). Forward only.
+
+    q is (B, Sq, Hq, D). The cache is dense, k_cache (B, S_cache, Hkv, D) and v_cache
+    (B, S_cache, Hkv, Dv), or paged, (num_pages, page_size, Hkv, ·) with an int32 ``block_table``
+    (B, max_pages_per_seq) listing each sequence's pages in order. ``cache_seqlens`` (int32, B)
+    is each sequence's valid length. ``k_new``/``v_new`` (B, S_new, Hkv, ·), if given, are
+    written into the cache in place at positions ``cache_seqlens[b] : cache_seqlens[b] + S_new``
+    (on the caller's stream for GPU caches; ``cache_seqlens`` itself is not changed), and then
+    attended to: q attends to the first ``cache_seqlens[b] + S_new`` keys of sequence b, with the
+    causal/window rules aligned bottom-right (the queries are the last positions). Two sequences
+    may share pages to read them, not to append into the same slot.
+
+    Returns out (B, Sq, Hq, Dv) and, with ``return_lse=True``, lse (B, Hq, Sq).
+    """
+    what = "cuflash.attention_with_kvcache"
+    a, origin = _import(what, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k_new=k_new,
+                        v_new=v_new, block_table=block_table, alibi_slopes=alibi_slopes)
+
+    def writable(x):
+        # JAX arrays are immutable (append with .at[].set() instead); read-only NumPy memory too.
+        return origin.kind != "jax" and (not isinstance(x, numpy.ndarray) or x.flags.writeable)
+
+    base, plan = _ragged.check_kvcache(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["k_new"], a["v_new"],
+                                       a["block_table"], alibi_slopes=a["alibi_slopes"], what=what, writable=writable,
+                                       causal=causal, causal_alignment="bottom_right", window=window, softcap=softcap,
+                                       scale=scale, backend=backend, return_lse=return_lse)
+    _backend(backend, what)
+    if a["k_new"] is not None:
+        with origin.context():
+            _ragged.append_to_cache(a["k_cache"], a["v_cache"], a["k_new"], a["v_new"], plan)
+    qh, kc, vc, slopes = map(_host, (a["q"], a["k_cache"], a["v_cache"], a["alibi_slopes"]))
+    out = _dispatch._empty(numpy, base.out_shape, base.dtype)
+    lse = _dispatch._empty(numpy, base.lse_shape, base.accum_dtype)
+    for b, seqlen_k in enumerate(plan.seqlens_k):
+        segment = _ragged.Segment(0, 0, base.seqlen_q, 0, seqlen_k)
+        seg_slopes, alibi = _ragged.segment_slopes(None if slopes is None else
+                                                   (slopes if slopes.ndim == 1 else slopes[b:b + 1]), 0)
+        _numpy_backend.forward(qh[b:b + 1], _ragged.cache_keys(kc, plan, b), _ragged.cache_keys(vc, plan, b),
+                               seg_slopes, out[b:b + 1], lse[b:b + 1],
+                               _ragged.sequence_problem(base, segment, alibi, "bottom_right"))
+    out, lse = _deliver(origin, (out, lse))
+    return (out, lse) if return_lse else out
