@@ -7,11 +7,14 @@ shards balance causal work; and the loopback ring with P = 1..8 virtual ranks eq
 ``cuflash.attention`` / ``attention_backward`` on the gathered sequence (out, lse, dq, dk, dv)
 within float32 rounding, causal and not, both layouts, GQA, windows, softcap and uneven shards.
 Backend outputs start as NaN (``poisoned``). Bad arguments give one error naming the operand,
-before any communication. One test runs the torch.distributed adapter over Gloo in two processes.
+before any communication. One test runs the torch.distributed adapter over Gloo in two processes,
+one the README's example.
 """
 
 import multiprocessing
+import re
 import threading
+from pathlib import Path
 
 import numpy
 import pytest
@@ -398,6 +401,16 @@ def test_an_error_on_one_rank_stops_every_rank_and_the_ring_stays_usable():
     outs = ring.run(lambda comm: distributed.ring_attention(*[distributed.shard(x, comm.rank, 3) for x in (q, k, v)],
                                                             comm=comm))
     numpy.testing.assert_allclose(distributed.unshard(outs), cuflash.attention(q, k, v), rtol=0, atol=1e-6)
+
+
+def test_readme_example_runs():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Sequences across GPUs: ring attention", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {"print": lambda *args: None}
+    exec(compile(example, "README.md", "exec"), namespace)
+    q, k, v = (namespace[name] for name in "qkv")
+    numpy.testing.assert_allclose(namespace["out"], cuflash.attention(q, k, v, causal=True), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
