@@ -401,3 +401,19 @@ def test_ragged_calls_say_where_they_run():
     q, k, v = _varlen_args()
     with pytest.raises(cuflash.BackendUnavailableError, match="NumPy backend in this version"):
         cuflash.attention_varlen(q, k, v, numpy.array([0, 6], I32), numpy.array([0, 5], I32), backend="cuda")
+
+
+def test_readme_ragged_example_runs():
+    """The README's "Ragged batches and decoding" example, run as written (after the "Use" example
+    it continues)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    use = re.search(r"## Use\n\n```python\n(.*?)```", text, re.S).group(1)
+    ragged = re.search(r"### Ragged batches and decoding\n.*?```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    exec(use.replace("1024", "64"), namespace)
+    exec(ragged.replace("1024", "64").replace("[0, 300, 301, 64]", "[0, 30, 31, 64]").replace("517", "17"), namespace)
+    assert namespace["out"].shape == (2, 1, 8, 64)
+    assert (namespace["k_cache"][:, 0] == namespace["k1"][:, 0]).all()
