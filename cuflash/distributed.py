@@ -56,7 +56,7 @@ from ._problem import _is_int, _Problems, check_backward, check_forward
 
 __all__ = [
     "LAYOUTS", "shard_segments", "shard", "unshard",
-    "ring_attention", "ring_attention_backward", "ring_attention_vjp",
+    "ring_attention", "ring_attention_backward", "ring_attention_vjp", "torch_ring_attention",
     "LoopbackRing", "NcclRing", "TorchRing",
 ]
 
@@ -570,6 +570,43 @@ def ring_attention_vjp(q, k, v, *, comm, causal=False, window=None, softcap=None
         return ring_attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
 
     return out, vjp
+
+
+_TORCH_FUNCTION = []
+
+
+def _torch_function():
+    """The ``torch.autograd.Function`` of ring attention, made on first use (PyTorch is optional)."""
+    if not _TORCH_FUNCTION:
+        import torch
+
+        class RingAttention(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v, options, deterministic):
+                out, lse = ring_attention(q, k, v, return_lse=True, **options)
+                ctx.save_for_backward(q, k, v, out, lse)
+                ctx.options, ctx.deterministic = options, deterministic
+                return out
+
+            @staticmethod
+            def backward(ctx, dout):
+                grads = ring_attention_backward(dout, *ctx.saved_tensors, deterministic=ctx.deterministic,
+                                                **ctx.options)
+                return (*grads, None, None)
+
+        _TORCH_FUNCTION.append(RingAttention)
+    return _TORCH_FUNCTION[0]
+
+
+def torch_ring_attention(q, k, v, *, comm, causal=False, window=None, softcap=None, scale=None, layout="contiguous",
+                         seqlen=None, deterministic=False, backend="auto"):
+    """``ring_attention`` of torch tensors, differentiable: ``loss.backward()`` runs
+    ``ring_attention_backward``, which every rank of the ring must reach together (as it does
+    when every rank runs the same training step). Options mean what they mean in ``ring_attention``.
+    """
+    options = dict(comm=comm, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout,
+                   seqlen=seqlen, backend=backend)
+    return _torch_function().apply(q, k, v, options, deterministic)
 
 
 # ---------------------------------------------------------------------------------------------

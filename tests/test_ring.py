@@ -295,6 +295,25 @@ def test_vjp_form_gives_the_forward_and_backward_results():
             assert numpy.array_equal(a, b)
 
 
+def test_torch_autograd_form_gives_the_ring_gradients():
+    torch = pytest.importorskip("torch")
+    q, k, v, dout = make_inputs(numpy.random.default_rng(8), 2, 30, 30, 4, 2, 8, 6, numpy.float64)
+    world, options = 3, dict(causal=True, window=(7, 0), layout="zigzag")
+
+    def rank(comm):
+        mine = [torch.from_numpy(distributed.shard(x, comm.rank, world, layout="zigzag")) for x in (q, k, v, dout)]
+        leaves = [x.clone().requires_grad_() for x in mine[:3]]
+        out = distributed.torch_ring_attention(*leaves, comm=comm, **options)
+        (out * mine[3]).sum().backward()
+        return (out.detach().numpy(),) + tuple(x.grad.numpy() for x in leaves)
+
+    per_rank = distributed.LoopbackRing(world).run(rank)
+    out, dq, dk, dv = (distributed.unshard([r[i] for r in per_rank], layout="zigzag") for i in range(4))
+    single = _single_device(q, k, v, dout, causal=True, window=(7, 0))
+    for x, ref in zip((out, dq, dk, dv), single[:1] + single[2:]):
+        numpy.testing.assert_allclose(x, ref, rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors.
 # ---------------------------------------------------------------------------------------------
