@@ -131,7 +131,7 @@ def _nccl_refusal(world):
     except ImportError as exc:
         return f"CuPy's NCCL does not import: {exc}"
     if not nccl.available:
-        return "CuPy was built without NCCL"
+        return "CuPy cannot load NCCL (pip install nvidia-nccl-cu13, or -cu12 for CUDA 12)"
     count = _device_count()
     return None if count >= world else f"needs {world} GPUs, {count} visible"
 
