@@ -161,7 +161,8 @@ def _nccl_rank(rank, world, unique_id, cases, queue):
         results = []
         for case in cases:
             layout, causal, window, _, seqlen = case
-            results.append(_ring_on(comm, world, layout, seqlen, _case_arrays(case), dict(causal=causal, window=window)))
+            options = dict(causal=causal, window=window)
+            results.append(_ring_on(comm, world, layout, seqlen, _case_arrays(case), options))
         queue.put((rank, results))
     except BaseException as exc:
         queue.put((rank, exc))
