@@ -572,30 +572,25 @@ def ring_attention_vjp(q, k, v, *, comm, causal=False, window=None, softcap=None
     return out, vjp
 
 
-_TORCH_FUNCTION = []
-
-
+@lru_cache(maxsize=1)
 def _torch_function():
     """The ``torch.autograd.Function`` of ring attention, made on first use (PyTorch is optional)."""
-    if not _TORCH_FUNCTION:
-        import torch
+    import torch
 
-        class RingAttention(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, k, v, options, deterministic):
-                out, lse = ring_attention(q, k, v, return_lse=True, **options)
-                ctx.save_for_backward(q, k, v, out, lse)
-                ctx.options, ctx.deterministic = options, deterministic
-                return out
+    class RingAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, options, deterministic):
+            out, lse = ring_attention(q, k, v, return_lse=True, **options)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.options, ctx.deterministic = options, deterministic
+            return out
 
-            @staticmethod
-            def backward(ctx, dout):
-                grads = ring_attention_backward(dout, *ctx.saved_tensors, deterministic=ctx.deterministic,
-                                                **ctx.options)
-                return (*grads, None, None)
+        @staticmethod
+        def backward(ctx, dout):
+            grads = ring_attention_backward(dout, *ctx.saved_tensors, deterministic=ctx.deterministic, **ctx.options)
+            return (*grads, None, None)
 
-        _TORCH_FUNCTION.append(RingAttention)
-    return _TORCH_FUNCTION[0]
+    return RingAttention
 
 
 def torch_ring_attention(q, k, v, *, comm, causal=False, window=None, softcap=None, scale=None, layout="contiguous",
