@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import numpy
 from jax.experimental.buffer_callback import buffer_callback
 
-from . import _api, _interop, _problem
+from . import _api, _dispatch, _interop, _problem, _ragged_api
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_varlen"]
 
 _WHAT = "cuflash.jax.attention"
 
@@ -180,7 +180,7 @@ def _checked(q, k, v, alibi_slopes, causal, causal_alignment, window, softcap, s
 
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
-              alibi_slopes=None, scale=None, deterministic=False):
+              alibi_slopes=None, scale=None, deterministic=False, seqlens_q=None, seqlens_k=None):
     """``cuflash.attention`` on JAX arrays: differentiable, and usable inside ``jax.jit``, ``jax.vmap``,
     ``jax.lax.scan`` and ``jax.checkpoint`` (see the module's notes for how).
 
@@ -190,6 +190,134 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
     place; CPU arrays and float64 run on cuflash's NumPy backend. The options mean what they mean
     in ``cuflash.attention``; ``alibi_slopes`` is a float32 array of shape (Hq,) or (B, Hq) and gets
     no gradient; ``deterministic=True`` makes the backward bitwise reproducible on the GPU.
+
+    ``seqlens_q``/``seqlens_k`` (int32 arrays of shape (B,)) make it a padded batch, as in
+    ``cuflash.attention`` (padded rows get out = 0 and zero gradients); see ``attention_varlen``
+    for how ragged calls run.
     """
     config = _checked(q, k, v, alibi_slopes, causal, causal_alignment, window, softcap, scale, deterministic)
-    return _attention(q, k, v, alibi_slopes, config)
+    if seqlens_q is None and seqlens_k is None:
+        return _attention(q, k, v, alibi_slopes, config)
+    extras = _ragged_extras(_WHAT, seqlens_q=seqlens_q, seqlens_k=seqlens_k, alibi_slopes=alibi_slopes)
+    return _ragged(q, k, v, extras, ("padded", tuple(n for n, x in extras)) + config)
+
+
+# Ragged batches: the same custom_vjp and buffer_callback plumbing around ``cuflash``'s ragged
+# functions. The offsets or lengths are operands, read by the callback; their values are checked
+# there (a bad value fails when the computation runs, as an XLA error carrying cuflash's message),
+# and their dtypes and ranks when the call is traced. vmap runs the mapped calls one by one.
+_VARLEN = "cuflash.jax.attention_varlen"
+
+
+def _ragged_extras(what, **named):
+    """The given integer (and slopes) operands as (name, array) pairs, checked for type and rank."""
+    extras = tuple((name, x) for name, x in named.items() if x is not None)
+    wrong = [f"{name} must be a jax.Array, got {type(x).__module__}.{type(x).__qualname__}"
+             for name, x in extras if not isinstance(x, jax.Array)]
+    wrong += [f"{name} must be int32 with one axis, got {x.dtype} with shape {x.shape}" for name, x in extras
+              if name != "alibi_slopes" and isinstance(x, jax.Array) and (x.dtype != numpy.int32 or x.ndim != 1)]
+    if wrong:
+        raise TypeError(f"invalid arguments to {what}:\n  - " + "\n  - ".join(wrong))
+    return extras
+
+
+def _ragged_call(form, names, options, operands, targets, backend):
+    """One ragged forward or backward on imported arrays, writing into ``targets``."""
+    a = dict(zip(names, operands))
+    slopes = a.get("alibi_slopes")
+    if form == ("padded", "forward"):
+        options = dict(options, backend=backend, return_lse=True)
+        return _ragged_api.padded_forward(a["q"], a["k"], a["v"], a.get("seqlens_q"), a.get("seqlens_k"), slopes,
+                                          options, _WHAT)
+    if form == ("padded", "backward"):
+        options = dict(options, backend=backend)
+        return _ragged_api.padded_backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], a.get("seqlens_q"),
+                                           a.get("seqlens_k"), slopes, options, _WHAT)
+    hints = {name: options.pop(name) for name in ("max_seqlen_q", "max_seqlen_k")}
+    if form == ("varlen", "forward"):
+        return _ragged_api.attention_varlen(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"],
+                                            alibi_slopes=slopes, return_lse=True, backend=backend, **hints, **options)
+    return _ragged_api.attention_varlen_backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"],
+                                                 a["cu_seqlens_q"], a["cu_seqlens_k"], alibi_slopes=slopes,
+                                                 backend=backend, **hints, **options)
+
+
+def _ragged_callback(form, names, options, ctx, outputs, *buffers):
+    device_type, device_id = (int(n) for n in buffers[0].__dlpack_device__())
+    gpu = device_type == _interop._CUDA
+    origin = _interop.Origin("jax", device_type, device_id, None, _stream_handle(ctx) if gpu else None)
+    with origin.context():
+        operands = [_interop.buffer_array(x) for x in buffers]
+        targets = [_interop.buffer_array(x) for x in outputs]
+        with _dispatch.outputs_into(targets) as into:
+            results = _ragged_call(form, names, dict(options), operands, targets, "auto" if gpu else "numpy")
+        into.deliver(results)
+
+
+def _ragged_options(config):
+    kind, names, causal, causal_alignment, window, softcap, scale, deterministic, *hints = config
+    options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale)
+    if kind == "varlen":
+        options.update(zip(("max_seqlen_q", "max_seqlen_k"), hints))
+    return kind, names, options, deterministic
+
+
+def _ragged_forward_call(q, k, v, extras, config):
+    kind, names, options, _ = _ragged_options(config)
+    if kind == "varlen":
+        out_shape, lse_shape = q.shape[:2] + v.shape[2:], (q.shape[1], q.shape[0])
+    else:
+        out_shape, lse_shape = q.shape[:3] + v.shape[3:], (q.shape[0], q.shape[2], q.shape[1])
+    result = (jax.ShapeDtypeStruct(out_shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, _lse_dtype(q.dtype)))
+    callback = functools.partial(_ragged_callback, (kind, "forward"), ("q", "k", "v") + names,
+                                 tuple(options.items()))
+    return buffer_callback(callback, result, vmap_method="sequential")(q, k, v, *extras)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ragged_attention(q, k, v, extras, config):
+    return _ragged_forward_call(q, k, v, extras, config)[0]
+
+
+def _ragged_attention_forward(q, k, v, extras, config):
+    out, lse = _ragged_forward_call(q, k, v, extras, config)
+    return out, (q, k, v, extras, out, lse)
+
+
+def _ragged_attention_backward(config, saved, dout):
+    q, k, v, extras, out, lse = saved
+    kind, names, options, deterministic = _ragged_options(config)
+    result = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    callback = functools.partial(_ragged_callback, (kind, "backward"), ("dout", "q", "k", "v", "out", "lse") + names,
+                                 tuple(options.items()) + (("deterministic", deterministic),))
+    dq, dk, dv = buffer_callback(callback, result, vmap_method="sequential")(dout, q, k, v, out, lse, *extras)
+    # The offsets or lengths and the slopes get no gradient.
+    return dq, dk, dv, tuple(None for _ in extras)
+
+
+_ragged_attention.defvjp(_ragged_attention_forward, _ragged_attention_backward)
+
+
+def _ragged(q, k, v, extras, config):
+    return _ragged_attention(q, k, v, tuple(x for _, x in extras), config)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                     causal_alignment="bottom_right", window=None, softcap=None, alibi_slopes=None, scale=None,
+                     deterministic=False):
+    """``cuflash.attention_varlen`` on JAX arrays (packed sequences): differentiable, usable inside
+    ``jax.jit``; ``jax.vmap`` runs the mapped calls one after the other.
+
+    q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); ``cu_seqlens_q``/``cu_seqlens_k``
+    int32 arrays of B + 1 offsets. Returns out (total_q, Hq, Dv). Types, ranks and dtypes are
+    checked when the call is traced, the offsets' values when it runs. Ragged batches run on
+    cuflash's NumPy backend in this version (GPU arrays are copied to the host and back).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if isinstance(x, jax.Array) and x.ndim != 3:
+            raise ValueError(f"invalid arguments to {_VARLEN}:\n  - {name} must have 3 dimensions "
+                             f"(rows, heads, head_dim) for packed sequences, got shape {x.shape}")
+    config = _checked(q[None], k[None], v[None], alibi_slopes if alibi_slopes is None or alibi_slopes.ndim == 1
+                      else alibi_slopes[0], causal, causal_alignment, window, softcap, scale, deterministic)
+    extras = _ragged_extras(_VARLEN, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
+    return _ragged(q, k, v, extras, ("varlen", tuple(n for n, x in extras)) + config + (max_seqlen_q, max_seqlen_k))

@@ -35,9 +35,9 @@ from typing import Optional
 import numpy
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _api, _interop, _problem
+from . import _api, _interop, _problem, _ragged_api
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_varlen"]
 
 _WHAT = "cuflash.torch.attention"
 
@@ -194,7 +194,7 @@ def _check_options(causal, causal_alignment, window, softcap, scale, determinist
 
 
 def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
-              alibi_slopes=None, scale=None, deterministic=False):
+              alibi_slopes=None, scale=None, deterministic=False, seqlens_q=None, seqlens_k=None):
     """``cuflash.attention`` on torch tensors, differentiable through ``torch.autograd`` and
     traceable by ``torch.compile``.
 
@@ -211,15 +211,17 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
     The backward recomputes attention tile by tile from the saved q, k, v, out and the
     log-sum-exp of the forward, so memory stays O(sequence length). Second derivatives are not
     supported.
+
+    ``seqlens_q``/``seqlens_k`` (int32 tensors of shape (B,) on q's device) make it a padded
+    batch, as in ``cuflash.attention``: padded rows get out = 0 and zero gradients.
     """
-    named = (("q", q), ("k", k), ("v", v)) + ((("alibi_slopes", alibi_slopes),) if alibi_slopes is not None else ())
-    wrong = [f"{name} must be a torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}"
-             for name, x in named if not isinstance(x, torch.Tensor)]
-    if wrong:
-        raise TypeError(f"invalid arguments to {_WHAT}:\n  - " + "\n  - ".join(wrong))
+    _require_tensors(_WHAT, q=q, k=k, v=v, alibi_slopes=alibi_slopes, seqlens_q=seqlens_q, seqlens_k=seqlens_k)
     options = _checked_options(causal, causal_alignment, window, softcap, scale, deterministic)
     # "auto" would copy CPU tensors to a GPU when one is present; CPU tensors stay on the CPU.
     backend = "numpy" if q.device.type == "cpu" else "auto"
+    if seqlens_q is not None or seqlens_k is not None:
+        out, _lse = _padded_forward_op(q, k, v, seqlens_q, seqlens_k, alibi_slopes, *options, backend)
+        return out
     if _eager(q, k, v, alibi_slopes):
         return _Attention.apply(q, k, v, alibi_slopes, *options, backend)
     out, _lse = _forward_op(q, k, v, alibi_slopes, *options, backend)
@@ -231,3 +233,134 @@ def _eager(*tensors):
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     return all(x is None or type(x) is torch.Tensor for x in tensors)
+
+
+def _require_tensors(what, **named):
+    """One TypeError listing every given operand that is not a torch.Tensor."""
+    wrong = [f"{name} must be a torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}"
+             for name, x in named.items() if x is not None and not isinstance(x, torch.Tensor)]
+    if wrong:
+        raise TypeError(f"invalid arguments to {what}:\n  - " + "\n  - ".join(wrong))
+
+
+# Ragged batches: operators over ``cuflash``'s ragged functions, with the same conventions as the
+# dense ones (options in schema form, ``deterministic`` riding on the forward). Their fake
+# functions state the output shapes without reading the offsets or lengths, which a tracer
+# does not know; the real call checks them before any work.
+_VARLEN = "cuflash.torch.attention_varlen"
+
+
+def _ragged_options(causal, causal_alignment, window_left, window_right, softcap, scale, backend):
+    return dict(_options(causal, causal_alignment, window_left, window_right, softcap, scale), backend=backend)
+
+
+def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, alibi_slopes: Optional[torch.Tensor], max_seqlen_q: Optional[int],
+                    max_seqlen_k: Optional[int], causal: bool, causal_alignment: str, window_left: Optional[int],
+                    window_right: Optional[int], softcap: float, scale: Optional[float], deterministic: bool,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ragged_api.attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        alibi_slopes=alibi_slopes, return_lse=True,
+        **_ragged_options(causal, causal_alignment, window_left, window_right, softcap, scale, backend))
+
+
+def _varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                     alibi_slopes: Optional[torch.Tensor], max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+                     causal: bool, causal_alignment: str, window_left: Optional[int], window_right: Optional[int],
+                     softcap: float, scale: Optional[float], deterministic: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ragged_api.attention_varlen_backward(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        alibi_slopes=alibi_slopes, deterministic=deterministic,
+        **_ragged_options(causal, causal_alignment, window_left, window_right, softcap, scale, backend))
+
+
+def _padded_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens_q: Optional[torch.Tensor],
+                    seqlens_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], causal: bool,
+                    causal_alignment: str, window_left: Optional[int], window_right: Optional[int], softcap: float,
+                    scale: Optional[float], deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    options = dict(_ragged_options(causal, causal_alignment, window_left, window_right, softcap, scale, backend),
+                   return_lse=True)
+    return _ragged_api.padded_forward(q, k, v, seqlens_q, seqlens_k, alibi_slopes, options, _WHAT)
+
+
+def _padded_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, seqlens_q: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+                     alibi_slopes: Optional[torch.Tensor], causal: bool, causal_alignment: str,
+                     window_left: Optional[int], window_right: Optional[int], softcap: float, scale: Optional[float],
+                     deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = dict(_ragged_options(causal, causal_alignment, window_left, window_right, softcap, scale, backend),
+                   deterministic=deterministic)
+    return _ragged_api.padded_backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, alibi_slopes, options, _WHAT)
+
+
+_varlen_forward_op = torch.library.custom_op("cuflash::attention_varlen_forward", _varlen_forward, mutates_args=())
+_varlen_backward_op = torch.library.custom_op("cuflash::attention_varlen_backward", _varlen_backward,
+                                              mutates_args=())
+_padded_forward_op = torch.library.custom_op("cuflash::attention_padded_forward", _padded_forward, mutates_args=())
+_padded_backward_op = torch.library.custom_op("cuflash::attention_padded_backward", _padded_backward,
+                                              mutates_args=())
+
+
+def _lse_like(q, shape):
+    return q.new_empty(shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+@_varlen_forward_op.register_fake
+def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *options):
+    return q.new_empty(q.shape[:2] + v.shape[2:]), _lse_like(q, (q.shape[1], q.shape[0]))
+
+
+@_padded_forward_op.register_fake
+def _padded_forward_fake(q, k, v, seqlens_q, seqlens_k, alibi_slopes, *options):
+    return q.new_empty(q.shape[:3] + v.shape[3:]), _lse_like(q, (q.shape[0], q.shape[2], q.shape[1]))
+
+
+def _grads_fake(dout, q, k, v, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_varlen_backward_op.register_fake(_grads_fake)
+_padded_backward_op.register_fake(_grads_fake)
+
+
+def _ragged_setup_context(ctx, inputs, output):
+    q, k, v, lengths_q, lengths_k, alibi_slopes, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, lengths_q, lengths_k, alibi_slopes)
+    ctx.options = options
+    ctx.mark_non_differentiable(lse)
+
+
+def _ragged_autograd(backward_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, lengths_q, lengths_k, alibi_slopes = ctx.saved_tensors
+        dq, dk, dv = backward_op(dout, q, k, v, out, lse, lengths_q, lengths_k, alibi_slopes, *ctx.options)
+        # The offsets or lengths, the slopes and the options get no gradient.
+        return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
+
+    return backward
+
+
+_varlen_forward_op.register_autograd(_ragged_autograd(_varlen_backward_op), setup_context=_ragged_setup_context)
+_padded_forward_op.register_autograd(_ragged_autograd(_padded_backward_op), setup_context=_ragged_setup_context)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                     causal_alignment="bottom_right", window=None, softcap=None, alibi_slopes=None, scale=None,
+                     deterministic=False):
+    """``cuflash.attention_varlen`` on torch tensors (packed sequences), differentiable and traceable.
+
+    q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); ``cu_seqlens_q``/``cu_seqlens_k``
+    int32 tensors of B + 1 offsets on q's device. Returns out (total_q, Hq, Dv). Ragged batches
+    run on cuflash's NumPy backend in this version (CUDA tensors are copied to the host and back).
+    """
+    _require_tensors(_VARLEN, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                     alibi_slopes=alibi_slopes)
+    options = _checked_options(causal, causal_alignment, window, softcap, scale, deterministic)
+    backend = "numpy" if q.device.type == "cpu" else "auto"
+    out, _lse = _varlen_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
+                                   *options, backend)
+    return out
