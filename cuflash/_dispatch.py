@@ -103,7 +103,7 @@ class CudaBackend:
     """The CUDA kernels of ``cuda_src/`` through CuPy; host operands are copied to the GPU and back."""
 
     name = "cuda"
-    dtypes = ("float16", "bfloat16", "float32")
+    dtypes = ("float16", "bfloat16", "float32", "float64")
 
     def refusal(self, problem):
         ok, reason = runtime.gpu_available()
@@ -128,7 +128,7 @@ class CudaBackend:
         slopes = None if slopes is None else cupy.asarray(slopes)
         with cupy.cuda.Device(q.device.id):
             out = _empty(cupy, problem.out_shape, problem.dtype)
-            lse = _empty(cupy, problem.lse_shape, numpy.float32)
+            lse = _empty(cupy, problem.lse_shape, problem.accum_dtype)
             if out.size or lse.size:
                 flash_forward(q, k, v, slopes, out, lse, problem)
         return out, lse
@@ -147,11 +147,33 @@ class CudaBackend:
         return dq, dk, dv
 
 
+class Float64Auto:
+    """``backend="auto"`` for float64 where the CUDA kernels can run: operands already on a GPU (CuPy
+    arrays, and so torch CUDA tensors and JAX GPU arrays) run there; NumPy arrays (and CPU tensors)
+    stay on the NumPy backend, as float64 host data always has, rather than travel to the GPU and
+    back. Decided per call from the operands, since a call's plan (``_api._plan``) is shared by host
+    and device operands of one shape and dtype."""
+
+    name = "auto-float64"
+
+    @staticmethod
+    def _backend(q):
+        return BACKENDS["numpy"] if isinstance(q, numpy.ndarray) else BACKENDS["cuda"]
+
+    def forward(self, q, k, v, slopes, problem):
+        return self._backend(q).forward(q, k, v, slopes, problem)
+
+    def backward(self, dout, q, k, v, out, lse, slopes, problem, deterministic):
+        return self._backend(q).backward(dout, q, k, v, out, lse, slopes, problem, deterministic)
+
+
 BACKENDS = {"numpy": NumpyBackend(), "cuda": CudaBackend()}
+_FLOAT64_AUTO = Float64Auto()
 
 
 def select(requested, problem):
-    """The backend to run: the one requested, or for "auto" CUDA when it can, else NumPy."""
+    """The backend to run: the one requested, or for "auto" CUDA when it can, else NumPy (float64:
+    CUDA for GPU operands, NumPy for host ones; ``Float64Auto``)."""
     if requested != "auto":
         backend = BACKENDS[requested]
         reason = backend.refusal(problem)
@@ -162,6 +184,8 @@ def select(requested, problem):
     for backend in (BACKENDS["cuda"], BACKENDS["numpy"]):
         reason = backend.refusal(problem)
         if reason is None:
+            if backend is BACKENDS["cuda"] and problem.dtype == numpy.float64:
+                return _FLOAT64_AUTO
             return backend
         refusals[backend.name] = reason
     listed = "; ".join(f"{name}: {why}" for name, why in refusals.items())

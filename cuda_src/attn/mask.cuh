@@ -28,7 +28,9 @@ struct Mask {
     i64 offset, left, right;
     int seqlen_q, seqlen_k;
 
-    __device__ __forceinline__ static Mask of(const FwdParams& p) {
+    // From the forward's parameters (FwdParamsOf<float> or FwdParamsOf<double>).
+    template <typename Params>
+    __device__ __forceinline__ static Mask of(const Params& p) {
         return Mask{p.mask_offset, p.window_left, p.window_right, p.seqlen_q, p.seqlen_k};
     }
 

@@ -25,8 +25,8 @@ struct KvWork {
     }
 };
 
-template <int BlockN, int BlockM>
-__device__ __forceinline__ KvWork kv_work(const BwdParams& p, const Mask& mask) {
+template <int BlockN, int BlockM, typename Params>
+__device__ __forceinline__ KvWork kv_work(const Params& p, const Mask& mask) {
     KvWork w;
     const int tile = static_cast<int>(blockIdx.x % p.n_tiles);
     i64 rest = blockIdx.x / p.n_tiles;
@@ -49,11 +49,11 @@ __device__ __forceinline__ KvWork kv_work(const BwdParams& p, const Mask& mask) 
 
 // Loads the query tile of step x of a dK/dV CTA: Q_i and dO_i through the kernel's tile loader
 // (load_rows(smem, tensor, row0, ncols), which knows the kernel's shared-memory layout), and the
-// tile's L2 and D rows (BlockM floats each).
-template <int BlockM, int Threads, int ElemBytes, typename LoadRows>
-__device__ __forceinline__ void load_query_step(const BwdParams& p, i64 b, KvStep x, u32 sQ, u32 sdO, u32 sL2, u32 sD,
+// tile's L2 and D rows (BlockM values each, in the accumulator type of Params, a BwdParamsOf<Acc>).
+template <int BlockM, int Threads, int ElemBytes, typename Params, typename LoadRows>
+__device__ __forceinline__ void load_query_step(const Params& p, i64 b, KvStep x, u32 sQ, u32 sdO, u32 sL2, u32 sD,
                                                 int tid, LoadRows load_rows) {
-    const FwdParams& f = p.fwd;
+    const auto& f = p.fwd;
     const int i0 = x.m * BlockM;
     load_rows(sQ, Tensor::of(f.q, f.q_st, b, x.h, ElemBytes), i0, f.head_dim);
     load_rows(sdO, Tensor::of(p.dout, p.do_st, b, x.h, ElemBytes), i0, f.head_dim_v);

@@ -2,7 +2,7 @@
 // m_i, l_i with rescale and finalize) and the backward's recomputation of P from the LSE.
 #pragma once
 
-#include "../core/ptx.cuh"
+#include "../core/accum.cuh"
 
 namespace cuflash {
 
@@ -13,20 +13,24 @@ namespace cuflash {
 // m_i moves only when some row of the warp finds a max more than kRescaleSlack above it: until then
 // P = exp2(s - m_i) <= 2^kRescaleSlack, exact in f32 and as precise in f16/bf16 as any value, and
 // O_i, l_i skip their rescale. Both are relative to the same m_i, so O_i / l_i and LSE stay exact.
+//
+// T is the accumulator type: float, or double in the float64 kernels, whose m16 x n8 tiles of
+// doubles (two stacked m8n8k4 accumulators, core/dmma.cuh) have the same element order.
 constexpr float kRescaleSlack = 8.f;
 
-template <int kMTiles, int kNTiles, int kDTiles>
+template <int kMTiles, int kNTiles, int kDTiles, typename T = float>
 struct SoftmaxState {
-    float m[kMTiles][2];
-    float l[kMTiles][2];
+    using M = Num<T>;
+    T m[kMTiles][2];
+    T l[kMTiles][2];
 
     __device__ __forceinline__ void init() {
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                m[mt][h] = neg_inf();
-                l[mt][h] = 0.f;
+                m[mt][h] = M::neg_inf();
+                l[mt][h] = T(0);
             }
     }
 
@@ -37,26 +41,25 @@ struct SoftmaxState {
     // A row that has seen only masked keys keeps m = -inf and subtracts 0 instead, since
     // -inf - (-inf) would be NaN: its P and alpha are then exp2(-inf) = 0, so O_i and l_i stay 0.
     template <bool SCALED>
-    __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc_o)[kMTiles][kDTiles][4],
-                                           float c) {
-        float mx[kMTiles][2];
+    __device__ __forceinline__ void update(T (&s)[kMTiles][kNTiles][4], T (&acc_o)[kMTiles][kDTiles][4], T c) {
+        T mx[kMTiles][2];
         bool grow = false;
-        const bool negate = !SCALED && c < 0.f;  // warp-uniform
+        const bool negate = !SCALED && c < T(0);  // warp-uniform
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                float x;
+                T x;
                 if (negate) {
-                    x = __int_as_float(0x7f800000);
+                    x = M::inf();
 #pragma unroll
-                    for (int nt = 0; nt < kNTiles; ++nt) x = fminf(x, fminf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-                    x = -quad_max(-x);
+                    for (int nt = 0; nt < kNTiles; ++nt) x = M::min(x, M::min(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+                    x = -M::quad_max(-x);
                 } else {
-                    x = neg_inf();
+                    x = M::neg_inf();
 #pragma unroll
-                    for (int nt = 0; nt < kNTiles; ++nt) x = fmaxf(x, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-                    x = quad_max(x);
+                    for (int nt = 0; nt < kNTiles; ++nt) x = M::max(x, M::max(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+                    x = M::quad_max(x);
                 }
                 mx[mt][h] = SCALED ? x : c * x;
                 grow |= mx[mt][h] > m[mt][h] + kRescaleSlack;
@@ -66,8 +69,8 @@ struct SoftmaxState {
             for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const float m_new = fmaxf(m[mt][h], mx[mt][h]);
-                    const float alpha = exp2_approx(m[mt][h] - (m_new == neg_inf() ? 0.f : m_new));
+                    const T m_new = M::max(m[mt][h], mx[mt][h]);
+                    const T alpha = M::exp2(m[mt][h] - (m_new == M::neg_inf() ? T(0) : m_new));
                     m[mt][h] = m_new;
                     l[mt][h] *= alpha;
 #pragma unroll
@@ -81,13 +84,13 @@ struct SoftmaxState {
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float m_use = m[mt][h] == neg_inf() ? 0.f : m[mt][h];
-                float sum = 0.f;
+                const T m_use = m[mt][h] == M::neg_inf() ? T(0) : m[mt][h];
+                T sum = T(0);
 #pragma unroll
                 for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
                     for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                        s[mt][nt][e] = exp2_approx(SCALED ? s[mt][nt][e] - m_use : fmaf(s[mt][nt][e], c, -m_use));
+                        s[mt][nt][e] = M::exp2(SCALED ? s[mt][nt][e] - m_use : M::fma(s[mt][nt][e], c, -m_use));
                         sum += s[mt][nt][e];
                     }
                 l[mt][h] += sum;
@@ -98,5 +101,6 @@ struct SoftmaxState {
 // The backward's P_ij = exp(logit_ij - LSE_i), with both in the log2 domain (L2 = LSE * log2 e,
 // +inf on rows that see no key, so P = 0 there rather than NaN).
 __device__ __forceinline__ float p_from_lse(float logit2, float l2) { return exp2_approx(logit2 - l2); }
+__device__ __forceinline__ double p_from_lse(double logit2, double l2) { return Num<double>::exp2(logit2 - l2); }
 
 }  // namespace cuflash

@@ -5,6 +5,11 @@
 // so a field added on one side only fails to compile. Adding a feature's parameters means adding
 // fields here and in params.py. Strides are in elements and, like every offset built from them,
 // 64-bit.
+//
+// Both structs are templates on Acc, the kernel's accumulator type (core/elem.cuh's Accum): the
+// LSE, the score constants and the backward's workspaces have it. FwdParams and BwdParams (Acc =
+// float) serve the 16-bit and float32 kernels, FwdParamsOf<double> and BwdParamsOf<double> the
+// float64 ones; the pointer fields, and so the layout up to the score constants, are the same.
 #pragma once
 
 #include "ptx.cuh"
@@ -21,12 +26,13 @@ struct Strides {
 constexpr i64 kUnbounded = i64(1) << 62;
 
 // The forward pass; the backward reads the same fields for the same meaning.
-struct FwdParams {
+template <typename Acc>
+struct FwdParamsOf {
     const void* q;               // (B, Sq, Hq, D)
     const void* k;               // (B, Sk, Hkv, D)
     const void* v;               // (B, Sk, Hkv, Dv)
     void* out;                   // (B, Sq, Hq, Dv)
-    float* lse;                  // (B, Hq, Sq), natural log
+    Acc* lse;                    // (B, Hq, Sq), natural log
     const float* alibi_slopes;   // slope of (b, h) at alibi_slopes[b * alibi_sb + h]; null without ALiBi
     Strides q_st, k_st, v_st, o_st;
     i64 lse_sb, lse_sh, lse_ss;
@@ -36,25 +42,28 @@ struct FwdParams {
     i64 mask_offset, window_left, window_right;
     int batch, heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, head_dim_v;
     // Scores (attn/score_mod.cuh): logit2 = log2(e) * mod(scale * s).
-    float scale;                 // scale (natural-log domain)
-    float scale_log2;            // scale * log2 e
-    float softcap_in;            // softcap: scale / c
-    float softcap_out;           // softcap: c * log2 e
+    Acc scale;                   // scale (natural-log domain)
+    Acc scale_log2;              // scale * log2 e
+    Acc softcap_in;              // softcap: scale / c
+    Acc softcap_out;             // softcap: c * log2 e
     int num_m_blocks;            // query tiles per (batch, head): the forward's grid is B * Hq * num_m_blocks
     int vec_out;                 // out rows 16-byte aligned with unit stride along Dv
 };
 
+using FwdParams = FwdParamsOf<float>;
+
 // The backward pass: the forward's problem (q, k, v, out, lse as the forward saw them) and the
 // gradients' operands and workspaces.
-struct BwdParams {
-    FwdParams fwd;
+template <typename Acc>
+struct BwdParamsOf {
+    FwdParamsOf<Acc> fwd;
     const void* dout;            // (B, Sq, Hq, Dv)
-    float* l2;                   // (B, Hq, Sq_pad): LSE * log2 e, +inf on rows that see no key and past Sq
-    float* dsum;                 // (B, Hq, Sq_pad): D = rowsum(dO o O), 0 past Sq
-    float* dq_accum;             // (B, Hq, Sq_pad, HEAD_DIM) float32 workspace of the atomic dQ
+    Acc* l2;                     // (B, Hq, Sq_pad): LSE * log2 e, +inf on rows that see no key and past Sq
+    Acc* dsum;                   // (B, Hq, Sq_pad): D = rowsum(dO o O), 0 past Sq
+    Acc* dq_accum;               // (B, Hq, Sq_pad, HEAD_DIM) Acc workspace of the atomic dQ
     void* dq;                    // (B, Sq, Hq, D)
-    void* dk;                    // (B, Sk, Hkv, D), or float32 partial sums (splits, B, Hkv, Sk, D)
-    void* dv;                    // (B, Sk, Hkv, Dv), or float32 partial sums as dk
+    void* dk;                    // (B, Sk, Hkv, D), or Acc partial sums (splits, B, Hkv, Sk, D)
+    void* dv;                    // (B, Sk, Hkv, Dv), or Acc partial sums as dk
     Strides do_st, dq_st, dk_st, dv_st;
     i64 dk_split, dv_split;      // elements between the partial sums of two GQA splits
     int seqlen_q_pad;            // Sq rounded up to a multiple of 128 (rows of l2, dsum, dq_accum)
@@ -62,7 +71,9 @@ struct BwdParams {
     int splits;                  // CTAs sharing one key tile's GQA group
     int n_tiles;                 // tiles the grid's fastest index runs over
     int vec_in;                  // q, k, v, dout rows 16-byte aligned with unit stride along the head dim
-    int f32_out;                 // dK/dV go to float32 partial sums (splits > 1)
+    int f32_out;                 // dK/dV go to Acc partial sums (splits > 1)
 };
+
+using BwdParams = BwdParamsOf<float>;
 
 }  // namespace cuflash

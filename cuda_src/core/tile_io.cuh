@@ -63,7 +63,12 @@ __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, i
 #pragma unroll
                 for (int e = 0; e < kChunkElems; ++e) {
                     if (e < valid) {
-                        if constexpr (ElemBytes == 4) {
+                        if constexpr (ElemBytes == 8) {
+                            const unsigned long long x =
+                                *reinterpret_cast<const unsigned long long*>(src + e * t.stride_d * ElemBytes);
+                            w[2 * e] = static_cast<u32>(x);
+                            w[2 * e + 1] = static_cast<u32>(x >> 32);
+                        } else if constexpr (ElemBytes == 4) {
                             w[e] = *reinterpret_cast<const u32*>(src + e * t.stride_d * ElemBytes);
                         } else {
                             const u32 h = *reinterpret_cast<const u16*>(src + e * t.stride_d * ElemBytes);
@@ -88,11 +93,12 @@ __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, i
     else load_tile<Rows, Dim, ElemBytes, Threads, Layout, false>(smem, t, row0, nrows, ncols, tid);
 }
 
-// L2 and D of one query tile of Rows rows: both buffers are padded to a multiple of 128 rows, so the
-// copy needs no bounds.
-template <int Rows, int Threads>
-__device__ __forceinline__ void load_vec(u32 smem, const float* src, int tid) {
-    for (int c = tid; c < Rows / 4; c += Threads) cp_async_16(smem + c * 16, src + c * 4, 16);
+// L2 and D of one query tile of Rows rows (float, or double in the float64 kernels): both buffers are
+// padded to a multiple of 128 rows, so the copy needs no bounds.
+template <int Rows, int Threads, typename T>
+__device__ __forceinline__ void load_vec(u32 smem, const T* src, int tid) {
+    constexpr int kPerChunk = 16 / sizeof(T);
+    for (int c = tid; c < Rows / kPerChunk; c += Threads) cp_async_16(smem + c * 16, src + c * kPerChunk, 16);
 }
 
 // Adds one 16x16 block of dQ (accumulator layout: two n8 tiles c0, c1) into the float32 workspace,
@@ -125,14 +131,17 @@ __device__ __forceinline__ void add_dq_block(float* rows, const float (&c0)[4], 
 #endif
 }
 
+// Elements stored in their accumulator type (float, double) rather than as 16-bit values.
 template <typename Elem> constexpr bool kIsFloat = false;
 template <> constexpr bool kIsFloat<float> = true;
+template <> constexpr bool kIsFloat<double> = true;
 
 // Writes mul * acc (a warp tile in the mma accumulator layout: MT m16 rows from row0 by NT n8
-// columns from col0) to a (seq, dim) view, in Elem (Half, BFloat16 or float) or, for GQA partial
-// sums, in float32; rows >= nrows and cols >= ncols are skipped.
-template <typename Elem, int MT, int NT>
-__device__ __forceinline__ void store_acc(const float (&acc)[MT][NT][4], float mul, char* base, i64 stride_s,
+// columns from col0; A is float, or double for float64) to a (seq, dim) view, in Elem (Half,
+// BFloat16, float or double) or, for GQA partial sums, in A; rows >= nrows and cols >= ncols are
+// skipped.
+template <typename Elem, int MT, int NT, typename A>
+__device__ __forceinline__ void store_acc(const A (&acc)[MT][NT][4], A mul, char* base, i64 stride_s,
                                           i64 stride_d, int row0, int nrows, int col0, int ncols, bool f32_out,
                                           int lane) {
     const int g = lane >> 2, t = lane & 3;
@@ -145,10 +154,10 @@ __device__ __forceinline__ void store_acc(const float (&acc)[MT][NT][4], float m
                 const int row = row0 + mt * 16 + g + (e >> 1) * 8;
                 const int col = col0 + nt * 8 + 2 * t + (e & 1);
                 if (row >= nrows || col >= ncols) continue;
-                const float val = acc[mt][nt][e] * mul;
+                const A val = acc[mt][nt][e] * mul;
                 const i64 off = static_cast<i64>(row) * stride_s + static_cast<i64>(col) * stride_d;
                 if constexpr (kIsFloat<Elem>) {
-                    reinterpret_cast<float*>(base)[off] = val;
+                    reinterpret_cast<A*>(base)[off] = val;
                 } else {
                     if (f32_out) reinterpret_cast<float*>(base)[off] = val;
                     else reinterpret_cast<u16*>(base)[off] = from_float<Elem>(val);
@@ -157,11 +166,11 @@ __device__ __forceinline__ void store_acc(const float (&acc)[MT][NT][4], float m
 }
 
 // The same for a warp tile of one m16 row block.
-template <typename Elem, int NT>
-__device__ __forceinline__ void store_acc(const float (&acc)[NT][4], float mul, char* base, i64 stride_s,
+template <typename Elem, int NT, typename A>
+__device__ __forceinline__ void store_acc(const A (&acc)[NT][4], A mul, char* base, i64 stride_s,
                                           i64 stride_d, int row0, int nrows, int col0, int ncols, bool f32_out,
                                           int lane) {
-    store_acc<Elem>(reinterpret_cast<const float(&)[1][NT][4]>(acc), mul, base, stride_s, stride_d, row0, nrows, col0,
+    store_acc<Elem>(reinterpret_cast<const A(&)[1][NT][4]>(acc), mul, base, stride_s, stride_d, row0, nrows, col0,
                     ncols, f32_out, lane);
 }
 

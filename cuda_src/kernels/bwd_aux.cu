@@ -1,9 +1,9 @@
 // The small memory-bound kernels around the backward's main kernels:
-//   flash_bwd_preprocess  D_i = rowsum(dO_i o O_i) and L2_i = LSE_i * log2 e per query row, float32,
-//                         (B, Hq, Sq_pad) contiguous; rows i >= Sq (padding) get D = 0, L2 = +inf,
+//   flash_bwd_preprocess  D_i = rowsum(dO_i o O_i) and L2_i = LSE_i * log2 e per query row, in the
+//                         accumulator type (float32; float64 for float64), (B, Hq, Sq_pad) contiguous; rows i >= Sq (padding) get D = 0, L2 = +inf,
 //                         and so do rows with LSE = -inf (no visible key): exp2(s - L2) is then 0,
 //                         never NaN, so such rows pass on no gradient.
-//   flash_bwd_convert     out = scale * sum over `splits` float32 partials, in the output dtype and
+//   flash_bwd_convert     out = scale * sum over `splits` accumulator-type partials, in the output dtype and
 //                         layout: the dQ workspace of the atomic path (padded rows and columns are
 //                         skipped), and the GQA partial sums of dK/dV (added in split order, so the
 //                         result is deterministic).
@@ -14,7 +14,8 @@
 namespace cuflash {
 namespace bwd_aux {
 
-constexpr float kLog2e = 1.4426950408889634f;
+constexpr Accum kLog2e = static_cast<Accum>(1.4426950408889634);
+using M = Num<Accum>;
 
 }  // namespace bwd_aux
 }  // namespace cuflash
@@ -23,8 +24,8 @@ using namespace cuflash;
 using namespace cuflash::bwd_aux;
 
 // One warp per query row (b, h, i) of the padded range B * Hq * Sq_pad; blockDim.x = 256.
-extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __grid_constant__ BwdParams p) {
-    const FwdParams& f = p.fwd;
+extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __grid_constant__ BwdParamsOf<Accum> p) {
+    const FwdParamsOf<Accum>& f = p.fwd;
     const int lane = threadIdx.x & 31;
     const i64 row = static_cast<i64>(blockIdx.x) * 8 + (threadIdx.x >> 5);
     if (row >= static_cast<i64>(f.batch) * f.heads_q * p.seqlen_q_pad) return;
@@ -32,20 +33,20 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __g
     const int i = static_cast<int>(row - bh * p.seqlen_q_pad);
     const i64 b = bh / f.heads_q;
     const int h = static_cast<int>(bh - b * f.heads_q);
-    float sum = 0.f, l2_row = __int_as_float(0x7f800000);  // +inf
+    Accum sum = Accum(0), l2_row = M::inf();
     if (i < f.seqlen_q) {
         const char* o = static_cast<const char*>(f.out) + (b * f.o_st.b + h * f.o_st.h + i * f.o_st.s) * kElemBytes;
         const char* d = static_cast<const char*>(p.dout) + (b * p.do_st.b + h * p.do_st.h + i * p.do_st.s) * kElemBytes;
         for (int c = lane; c < f.head_dim_v; c += 32)
             sum += load_elem(o + c * f.o_st.d * kElemBytes) * load_elem(d + c * p.do_st.d * kElemBytes);
-        const float lse_row = f.lse[b * f.lse_sb + h * f.lse_sh + i * f.lse_ss];
-        if (lse_row != neg_inf()) l2_row = lse_row * kLog2e;
+        const Accum lse_row = f.lse[b * f.lse_sb + h * f.lse_sh + i * f.lse_ss];
+        if (lse_row != M::neg_inf()) l2_row = lse_row * kLog2e;
     }
 #pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) sum += shfl_xor(sum, m);
+    for (int m = 16; m >= 1; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
     if (lane == 0) {
         p.l2[row] = l2_row;
-        p.dsum[row] = i < f.seqlen_q ? sum : 0.f;
+        p.dsum[row] = i < f.seqlen_q ? sum : Accum(0);
     }
 }
 
@@ -53,9 +54,9 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __g
 // the index arithmetic is paid once per row: dst[b, s, h, c] = scale * sum_split
 // src[split * split_stride + (b * H + h) * src_sh + s * src_ss + c] for c < dim.
 extern "C" __global__ void __launch_bounds__(256)
-flash_bwd_convert(const float* __restrict__ src, i64 split_stride, i64 src_sh, i64 src_ss, int splits,
+flash_bwd_convert(const Accum* __restrict__ src, i64 split_stride, i64 src_sh, i64 src_ss, int splits,
                   void* __restrict__ dst, i64 d_sb, i64 d_ss, i64 d_sh, i64 d_sd, int heads, int seqlen, int dim,
-                  float scale, i64 rows) {
+                  Accum scale, i64 rows) {
     const int lane = threadIdx.x & 31;
     const i64 warps = static_cast<i64>(gridDim.x) * (blockDim.x >> 5);
     for (i64 row = static_cast<i64>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows;
@@ -64,11 +65,11 @@ flash_bwd_convert(const float* __restrict__ src, i64 split_stride, i64 src_sh, i
         const i64 bh = row / seqlen;
         const int h = static_cast<int>(bh % heads);
         const i64 b = bh / heads;
-        const float* p = src + bh * src_sh + static_cast<i64>(s) * src_ss;
+        const Accum* p = src + bh * src_sh + static_cast<i64>(s) * src_ss;
         char* const q =
             static_cast<char*>(dst) + (b * d_sb + static_cast<i64>(s) * d_ss + static_cast<i64>(h) * d_sh) * kElemBytes;
         for (int c = lane; c < dim; c += 32) {
-            float acc = 0.f;
+            Accum acc = Accum(0);
             for (int sp = 0; sp < splits; ++sp) acc += p[sp * split_stride + c];
             store_elem(q + static_cast<i64>(c) * d_sd * kElemBytes, scale * acc);
         }

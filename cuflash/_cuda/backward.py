@@ -3,15 +3,17 @@
 Up to four launches on CuPy's current stream (the kernels and their tiles come from the variant
 table, ``variants.py``):
 
-1. ``flash_bwd_preprocess``: D = rowsum(dO ∘ O) and L2 = LSE · log2 e per query row (float32,
-   padded to a multiple of 128 rows; +inf where LSE = −inf so rows that see no key give P = 0).
+1. ``flash_bwd_preprocess``: D = rowsum(dO ∘ O) and L2 = LSE · log2 e per query row (float32;
+   float64 for float64 inputs, as every workspace below; padded to a multiple of 128 rows; +inf where
+   LSE = −inf so rows that see no key give P = 0).
 2. ``flash_bwd_dkdv``: one CTA per key tile K_j, V_j of a key/value head, streaming the query tiles
    it needs (Q_i, dO_i) of the query heads that share it; dK and dV stay in registers. By default
-   (``deterministic=False``) it also adds dQ = dS K_j into a float32 workspace with atomics.
+   (``deterministic=False``) it also adds dQ = dS K_j into a workspace (float32; float64 for
+   float64) with atomics.
 3. ``flash_bwd_dq`` (``deterministic=True``, or where the atomic variant's shared memory does not
    fit): one CTA per query tile, looping over the key tiles it sees and accumulating dQ in
    registers, so dq is bitwise reproducible. It recomputes S and dP: 7 tile products instead of 5.
-4. ``flash_bwd_convert``: float32 workspaces to the output dtype (the atomic dQ; and dK, dV when a
+4. ``flash_bwd_convert``: the workspaces to the output dtype (the atomic dQ; and dK, dV when a
    GQA group is split over several CTAs to fill the GPU, their partial sums added in a fixed order).
 """
 
@@ -61,8 +63,8 @@ def _check_grid(grid, what):
 def flash_backward(dout, q, k, v, out, lse, slopes, dq, dk, dv, problem, deterministic, entry=None):
     """Write dq, dk, dv (shaped like q, k, v, input dtype, any strides) on the GPU.
 
-    dout and out are (B, Sq, Hq, Dv), lse (B, Hq, Sq) float32 from the forward (−inf on rows that
-    see no key), ``slopes`` the ALiBi slopes or None; every element of dq, dk and dv is written.
+    dout and out are (B, Sq, Hq, Dv), lse (B, Hq, Sq) from the forward (float32, float64 for float64;
+    −inf on rows that see no key), ``slopes`` the ALiBi slopes or None; every element of dq, dk and dv is written.
     ``deterministic`` selects the dQ pass without atomics (bitwise-identical results across runs).
     Runs on CuPy's current stream. ``entry`` overrides the table's choice (for tuning).
 
@@ -99,7 +101,8 @@ class _BackwardPlan:
 
         name = numpy.dtype(problem.dtype).name
         if name not in variants.DTYPE_CODES:
-            raise BackendUnavailableError(f"the CUDA backward handles float16, bfloat16 and float32, not {name}")
+            raise BackendUnavailableError(
+                f"the CUDA backward handles float16, bfloat16, float32 and float64, not {name}")
         variants.require(variants.FEATURES, problem, "the CUDA backward")
         B, Sq, Sk = problem.batch, problem.seqlen_q, problem.seqlen_k
         Hq, Hkv, D, Dv = problem.heads_q, problem.heads_kv, problem.head_dim, problem.head_dim_v
@@ -107,6 +110,7 @@ class _BackwardPlan:
         if self.empty:
             return
         self.name, self.problem = name, problem
+        self.accum = params.accum_dtype_of(problem)
         mods = variants.score_mods(problem)
         with cupy.cuda.Device(q.device.id):
             chosen, bucket, fam = choose_entry(problem, q.device.id)
@@ -128,7 +132,7 @@ class _BackwardPlan:
             splits, per_split = gqa_splits(problem, n_key_tiles, self.sm_count)
             self.splits = splits
             if splits > 1:
-                # float32 partial sums of each split, (splits, B, Hkv, Sk, D), added in a fixed order.
+                # Partial sums of each split (accumulator type), (splits, B, Hkv, Sk, D), added in a fixed order.
                 self.partial_shapes = ((splits, B, Hkv, Sk, D), (splits, B, Hkv, Sk, Dv))
                 dk_strides, dv_strides = (Hkv * Sk * D, D, Sk * D, 1), (Hkv * Sk * Dv, Dv, Sk * Dv, 1)
                 dk_split, dv_split = B * Hkv * Sk * D, B * Hkv * Sk * Dv
@@ -167,7 +171,7 @@ class _BackwardPlan:
                 _check_grid(grid, f"batch * heads_q * ceil(seqlen_q / {tile.block_m})")
                 if grid:
                     defines = variants.dq_defines(tile, bucket, name, mods)
-                    kernel = runtime.get_kernel(variants.DQ_SOURCE, variants.DQ_KERNEL, defines)
+                    kernel = runtime.get_kernel(variants.dq_source(tile), variants.DQ_KERNEL, defines)
                     self.dq = runtime.Launch(kernel, (grid, 1, 1), (tile.warps * 32, 1, 1), defines["SMEM_BYTES"],
                                              template(n_q_tiles))
 
@@ -176,13 +180,13 @@ class _BackwardPlan:
 
         p = self.problem
         B, Hq, Hkv, Sq, Sk, D, Dv = p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, p.head_dim, p.head_dim_v
-        l2 = cupy.empty((B, Hq, self.sq_pad), dtype=numpy.float32)
-        dsum = cupy.empty((B, Hq, self.sq_pad), dtype=numpy.float32)
+        l2 = cupy.empty((B, Hq, self.sq_pad), dtype=self.accum)
+        dsum = cupy.empty((B, Hq, self.sq_pad), dtype=self.accum)
         # Padded to whole tiles and the bucket's columns, so the kernel adds whole vectors unchecked.
-        dq_accum = cupy.zeros((B, Hq, self.sq_pad, self.bucket), dtype=numpy.float32) if self.dq_atomic else None
+        dq_accum = cupy.zeros((B, Hq, self.sq_pad, self.bucket), dtype=self.accum) if self.dq_atomic else None
         dk_out, dv_out = dk, dv
         if self.splits > 1:
-            dk_out, dv_out = (cupy.empty(shape, dtype=numpy.float32) for shape in self.partial_shapes)
+            dk_out, dv_out = (cupy.empty(shape, dtype=self.accum) for shape in self.partial_shapes)
         pointers = [params.pointer(x) for x in (q, k, v, out, lse, slopes, dout, l2, dsum, dq_accum, dq, dk_out, dv_out)]
         for launch in (self.preprocess, self.dkdv, self.dq):
             if launch is not None:
@@ -196,8 +200,9 @@ class _BackwardPlan:
 
 
 def _convert(dtype_name, src, splits, src_sh, src_ss, dst, heads, seqlen, dim, scale, sm_count):
-    """dst (B, S, H, dim), any strides = scale · Σ_split src[split]; src float32, each split
-    (B, H, S, ≥dim) with ``src_sh`` elements per head and ``src_ss`` per row."""
+    """dst (B, S, H, dim), any strides = scale · Σ_split src[split]; src in the accumulator type
+    (float32, float64 for float64), each split (B, H, S, ≥dim) with ``src_sh`` elements per head and
+    ``src_ss`` per row."""
     rows = dst.size // dim if dim else 0
     if rows == 0:
         return
@@ -207,4 +212,4 @@ def _convert(dtype_name, src, splits, src_sh, src_ss, dst, heads, seqlen, dim, s
     i32, i64 = numpy.int32, numpy.int64
     runtime.launch(kernel, (blocks, 1, 1), (256, 1, 1), (
         src, i64(split_stride), i64(src_sh), i64(src_ss), i32(splits), dst, *runtime.element_strides(dst),
-        i32(heads), i32(seqlen), i32(dim), numpy.float32(scale), i64(rows)))
+        i32(heads), i32(seqlen), i32(dim), src.dtype.type(scale), i64(rows)))

@@ -1,4 +1,5 @@
-"""The forward pass on the GPU: one launch of ``kernels/fwd_sm80.cu`` (the variant table picks its tile).
+"""The forward pass on the GPU: one launch of ``kernels/fwd_sm80.cu`` (16-bit, float32) or
+``kernels/fwd_f64.cu`` (float64); the variant table picks the kernel and its tile.
 
 Layouts: q, k, v and out may have any strides. When every row of q, k and v starts on a 16-byte
 boundary with a unit stride along the head dim, tiles move by 16-byte ``cp.async``; otherwise a
@@ -22,7 +23,7 @@ def supported(problem):
     """``(True, "")`` if the forward kernel computes ``problem``, else ``(False, reason)``."""
     name = numpy.dtype(problem.dtype).name
     if name not in variants.DTYPE_CODES:
-        return False, f"the CUDA forward handles float16, bfloat16 and float32, not {name}"
+        return False, f"the CUDA forward handles float16, bfloat16, float32 and float64, not {name}"
     return True, ""
 
 
@@ -35,7 +36,8 @@ def choose_tile(problem, vec_load=True, device_id=None):
 
 
 def flash_forward(q, k, v, slopes, out, lse, problem, tile=None):
-    """Compute ``out`` (B, Sq, Hq, Dv) and ``lse`` (B, Hq, Sq, float32, natural log) on the GPU.
+    """Compute ``out`` (B, Sq, Hq, Dv) and ``lse`` (B, Hq, Sq, natural log; float32, float64 for
+    float64 inputs) on the GPU.
 
     q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) and out are CuPy arrays on one device
     with any strides, ``slopes`` the ALiBi slopes (float32 (Hq,) or (B, Hq)) or None; out and lse
@@ -87,7 +89,7 @@ def _plan(q, k, v, out, lse, problem, tile):
         chosen, bucket, _ = choose_tile(problem, vec_load, q.device.id)
         tile = tile or chosen
         defines = variants.fwd_defines(tile, bucket, name, vec_load, variants.score_mods(problem))
-        kernel = runtime.get_kernel(variants.FWD_SOURCE, variants.FWD_KERNEL, defines)
+        kernel = runtime.get_kernel(variants.fwd_source(tile), variants.FWD_KERNEL, defines)
         num_m = math.ceil(Sq / tile.block_m)
         grid_x = B * Hq * num_m
         if grid_x > _MAX_GRID_X:

@@ -17,28 +17,42 @@ _F32 = numpy.float32
 
 STRIDES = numpy.dtype([("b", _I64), ("s", _I64), ("h", _I64), ("d", _I64)], align=True)
 
-FWD = numpy.dtype([
-    ("q", _PTR), ("k", _PTR), ("v", _PTR), ("out", _PTR), ("lse", _PTR), ("alibi_slopes", _PTR),
-    ("q_st", STRIDES), ("k_st", STRIDES), ("v_st", STRIDES), ("o_st", STRIDES),
-    ("lse_sb", _I64), ("lse_sh", _I64), ("lse_ss", _I64),
-    ("alibi_sb", _I64),
-    ("mask_offset", _I64), ("window_left", _I64), ("window_right", _I64),
-    ("batch", _I32), ("heads_q", _I32), ("heads_kv", _I32), ("group", _I32),
-    ("seqlen_q", _I32), ("seqlen_k", _I32), ("head_dim", _I32), ("head_dim_v", _I32),
-    ("scale", _F32), ("scale_log2", _F32), ("softcap_in", _F32), ("softcap_out", _F32),
-    ("num_m_blocks", _I32), ("vec_out", _I32),
-], align=True)
+_F64 = numpy.float64
 
-BWD = numpy.dtype([
-    ("fwd", FWD),
-    ("dout", _PTR), ("l2", _PTR), ("dsum", _PTR), ("dq_accum", _PTR), ("dq", _PTR), ("dk", _PTR), ("dv", _PTR),
-    ("do_st", STRIDES), ("dq_st", STRIDES), ("dk_st", STRIDES), ("dv_st", STRIDES),
-    ("dk_split", _I64), ("dv_split", _I64),
-    ("seqlen_q_pad", _I32), ("heads_per_split", _I32), ("splits", _I32), ("n_tiles", _I32), ("vec_in", _I32),
-    ("f32_out", _I32),
-], align=True)
 
-_C_NAMES = {FWD: "cuflash::FwdParams", BWD: "cuflash::BwdParams"}
+def _fwd_dtype(acc):
+    """FwdParamsOf<Acc>: ``acc`` is the accumulator type (float32, float64 for float64 inputs), the
+    type of the LSE the kernel writes and of the score constants."""
+    return numpy.dtype([
+        ("q", _PTR), ("k", _PTR), ("v", _PTR), ("out", _PTR), ("lse", _PTR), ("alibi_slopes", _PTR),
+        ("q_st", STRIDES), ("k_st", STRIDES), ("v_st", STRIDES), ("o_st", STRIDES),
+        ("lse_sb", _I64), ("lse_sh", _I64), ("lse_ss", _I64),
+        ("alibi_sb", _I64),
+        ("mask_offset", _I64), ("window_left", _I64), ("window_right", _I64),
+        ("batch", _I32), ("heads_q", _I32), ("heads_kv", _I32), ("group", _I32),
+        ("seqlen_q", _I32), ("seqlen_k", _I32), ("head_dim", _I32), ("head_dim_v", _I32),
+        ("scale", acc), ("scale_log2", acc), ("softcap_in", acc), ("softcap_out", acc),
+        ("num_m_blocks", _I32), ("vec_out", _I32),
+    ], align=True)
+
+
+def _bwd_dtype(acc):
+    """BwdParamsOf<Acc>; l2, dsum, dq_accum and the partial sums of dk/dv are ``acc`` arrays."""
+    return numpy.dtype([
+        ("fwd", _fwd_dtype(acc)),
+        ("dout", _PTR), ("l2", _PTR), ("dsum", _PTR), ("dq_accum", _PTR), ("dq", _PTR), ("dk", _PTR), ("dv", _PTR),
+        ("do_st", STRIDES), ("dq_st", STRIDES), ("dk_st", STRIDES), ("dv_st", STRIDES),
+        ("dk_split", _I64), ("dv_split", _I64),
+        ("seqlen_q_pad", _I32), ("heads_per_split", _I32), ("splits", _I32), ("n_tiles", _I32), ("vec_in", _I32),
+        ("f32_out", _I32),
+    ], align=True)
+
+
+FWD, BWD = _fwd_dtype(_F32), _bwd_dtype(_F32)
+FWD64, BWD64 = _fwd_dtype(_F64), _bwd_dtype(_F64)
+
+_C_NAMES = {FWD: "cuflash::FwdParams", BWD: "cuflash::BwdParams", FWD64: "cuflash::FwdParamsOf<double>",
+            BWD64: "cuflash::BwdParamsOf<double>"}
 
 # An unbounded window side (params.cuh's kUnbounded).
 UNBOUNDED = 1 << 62
@@ -60,7 +74,8 @@ def _field_sizes(dtype, prefix=""):
 
 @functools.lru_cache(maxsize=1)
 def layout_asserts():
-    """C++ checks that params.cuh's structs have exactly the layout of FWD and BWD.
+    """C++ checks that params.cuh's structs have exactly the layout of FWD and BWD (and of their
+    float64 forms FWD64, BWD64).
 
     NVRTC has no constant ``offsetof``, so the layout is pinned by what determines it: the same
     fields in the same order (a designated initializer in this order must compile; C++ refuses
@@ -121,10 +136,16 @@ def window_side(size):
     return UNBOUNDED if size is None else min(size, UNBOUNDED)
 
 
+def accum_dtype_of(problem):
+    """The parameter records' accumulator type: float64 for float64 problems, else float32."""
+    return numpy.dtype(_F64 if problem.dtype == _F64 else _F32)
+
+
 def forward(problem, q, k, v, out, lse, slopes, num_m_blocks, vec_out):
-    """The FwdParams of ``problem`` over these CuPy arrays (lse (B, Hq, Sq) float32; slopes
-    contiguous float32 or None), as the NumPy scalar CuPy passes by value."""
-    p = numpy.zeros((), FWD)
+    """The FwdParams of ``problem`` over these CuPy arrays (lse (B, Hq, Sq) in the accumulator type;
+    slopes contiguous float32 or None), as the NumPy scalar CuPy passes by value: FwdParamsOf<double>
+    (FWD64) for float64 problems, whose score constants keep double precision."""
+    p = numpy.zeros((), FWD64 if accum_dtype_of(problem) == _F64 else FWD)
     p["q"], p["k"], p["v"], p["out"], p["lse"] = (pointer(x) for x in (q, k, v, out, lse))
     p["alibi_slopes"] = pointer(slopes)
     p["q_st"], p["k_st"], p["v_st"], p["o_st"] = (strides(x) for x in (q, k, v, out))
@@ -150,8 +171,8 @@ def forward(problem, q, k, v, out, lse, slopes, num_m_blocks, vec_out):
 def backward(fwd, dout, l2, dsum, dq_accum, dq, dk, dv, dk_strides, dv_strides, dk_split, dv_split, seqlen_q_pad,
              heads_per_split, splits, n_tiles, vec_in, f32_out):
     """The BwdParams around a forward's FwdParams ``fwd`` (strides of dk/dv given, as they may be
-    float32 partial sums)."""
-    p = numpy.zeros((), BWD)
+    partial sums in the accumulator type); BWD64 around an FWD64 record."""
+    p = numpy.zeros((), BWD64 if fwd.dtype == FWD64 else BWD)
     p["fwd"] = fwd
     p["dout"], p["l2"], p["dsum"], p["dq_accum"], p["dq"], p["dk"], p["dv"] = (
         pointer(x) for x in (dout, l2, dsum, dq_accum, dq, dk, dv))

@@ -11,6 +11,10 @@ of the two a CTA owns and which it streams is the kernel's role (stated per kern
 
 Architecture families: "sm90" for compute capability 9.x (built for sm_90a), "sm80" for every
 other GPU from 8.0 on (built for sm_80). bench/NOTES.md records the measurements behind each entry.
+
+Element kinds: "16bit" (float16, bfloat16), "float32" and "float64". float64 has kernels of its own
+(``kernels/fwd_f64.cu``, ``bwd_dkdv_f64.cu``, ``bwd_dq_f64.cu``: FP64 tensor cores, float64
+accumulation) with tiles of their own types (``F64FwdTile``, ``F64RowsTile``), in the same tables.
 """
 
 from dataclasses import dataclass, replace
@@ -20,7 +24,7 @@ import numpy
 from .._errors import BackendUnavailableError
 
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
-DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3}
+DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}
 # The architectures the compile gate builds each family for.
 FAMILY_ARCHS = {"sm80": ("sm_80",), "sm90": ("sm_90a",)}
 SMEM_LIMITS = {"sm80": 99 * 1024, "sm90": 227 * 1024}
@@ -38,12 +42,12 @@ def family(major, minor):
 
 
 def kind(dtype_name):
-    """The element kind a tile table is chosen by: "16bit" (float16, bfloat16) or "float32"."""
-    return "float32" if dtype_name == "float32" else "16bit"
+    """The element kind a tile table is chosen by: "16bit" (float16, bfloat16), "float32" or "float64"."""
+    return dtype_name if dtype_name in ("float32", "float64") else "16bit"
 
 
 def dtypes_of(kind_name):
-    return ("float16", "bfloat16") if kind_name == "16bit" else ("float32",)
+    return ("float16", "bfloat16") if kind_name == "16bit" else (kind_name,)
 
 
 def head_dim_bucket(head_dim, head_dim_v, buckets=HEAD_DIM_BUCKETS):
@@ -88,6 +92,7 @@ def require(features, problem, what):
 # ---------------------------------------------------------------------------------------------
 
 FWD_SOURCE = "kernels/fwd_sm80.cu"
+FWD_F64_SOURCE = "kernels/fwd_f64.cu"
 FWD_KERNEL = "flash_fwd"
 
 
@@ -119,6 +124,29 @@ class FwdTile:
         if self.split_q:
             return self.block_m * bucket * 8 + max(q_loaded, kv)
         return q_loaded + kv
+
+
+@dataclass(frozen=True)
+class F64FwdTile:
+    """``fwd_f64.cu``: ``warps`` = (block_m / rows per warp) row groups x ``split_d``; the ``split_d``
+    warps of a row group each accumulate bucket / split_d columns of O_i (and each computes the
+    group's S); K_j/V_j tiles double buffered."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    split_d: int = 1
+    min_blocks: int = 1
+    max_regs: int = 0
+
+    def element_wise(self):
+        """The element-wise loading path keeps the tile (float64 tiles are narrow already)."""
+        return self
+
+    def smem_bytes(self, bucket, elem_bytes=8):
+        """Q_i and two K_j and V_j tiles of 8-byte elements, rows padded by 16 bytes. The elements
+        are doubles whatever ``elem_bytes`` says (the argument keeps the tables' common interface)."""
+        return (self.block_m + 4 * self.block_n) * (bucket * 8 + 16)
 
 
 _F = FwdTile
@@ -180,6 +208,22 @@ FWD_SPILL_TILES = {
     ('sm80', 'float32', 256, 3, True): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=176, split_q=False),
 }
 
+_F64 = F64FwdTile
+# float64: O_i's d / split_d columns take d / split_d registers per 16 rows, S as many as block_n; a
+# CTA needs at least d / 2 threads (one per 16-byte chunk of a row). Shared memory is what bounds
+# the tiles (8-byte elements): Q_i plus two K_j and V_j stages within 99 KiB (sm80 family) or
+# 227 KiB (sm90). bench/NOTES.md ("float64 on the GPU") derives the predicted speed of these tiles.
+FWD_TILES[("sm90", "float64")] = {
+    32: _F64(128, 32, 4), 64: _F64(64, 32, 4), 96: _F64(64, 32, 4), 128: _F64(64, 32, 4),
+    160: _F64(32, 32, 4, split_d=2), 192: _F64(32, 16, 4, split_d=2), 224: _F64(32, 16, 4, split_d=2),
+    256: _F64(32, 16, 4, split_d=2),
+}
+FWD_TILES[("sm80", "float64")] = {
+    32: _F64(64, 32, 4), 64: _F64(64, 16, 4), 96: _F64(64, 16, 4), 128: _F64(32, 16, 2),
+    160: _F64(32, 8, 4, split_d=2), 192: _F64(32, 8, 4, split_d=2), 224: _F64(16, 8, 4, split_d=4),
+    256: _F64(16, 8, 4, split_d=4),
+}
+
 
 def fwd_tile(fam, dtype_name, head_dim, head_dim_v, mods=0, vec=True):
     """``(tile, bucket)`` of the forward for a family, dtype, head dims, SCORE_MODS and load path."""
@@ -190,8 +234,18 @@ def fwd_tile(fam, dtype_name, head_dim, head_dim_v, mods=0, vec=True):
     return FWD_SPILL_TILES.get((fam, kind_name, bucket, mods, bool(vec)), base), bucket
 
 
+def fwd_source(tile):
+    """The forward kernel of a tile (its type says which)."""
+    return FWD_F64_SOURCE if isinstance(tile, F64FwdTile) else FWD_SOURCE
+
+
 def fwd_defines(tile, bucket, dtype_name, vec_load, mods):
     """The ``#define`` block of one forward instantiation."""
+    if isinstance(tile, F64FwdTile):
+        return {"HEAD_DIM": bucket, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "NUM_WARPS": tile.warps,
+                "SPLIT_D": tile.split_d, "MIN_BLOCKS": tile.min_blocks, "MAX_REGS": tile.max_regs,
+                "DTYPE": DTYPE_CODES[dtype_name], "VEC_LOAD": int(vec_load), "SCORE_MODS": mods,
+                "SMEM_BYTES": tile.smem_bytes(bucket)}
     return {
         "HEAD_DIM": bucket, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "NUM_WARPS": tile.warps,
         "STAGES": tile.stages, "MIN_BLOCKS": tile.min_blocks, "MAX_REGS": tile.max_regs,
@@ -245,6 +299,26 @@ class RowsTile:
             total += 2 * self.stages * stream * 4
             if dq_atomic:
                 total += 2 * own * (stream * elem_bytes + 16)
+        return total
+
+
+@dataclass(frozen=True)
+class F64RowsTile(RowsTile):
+    """``bwd_dkdv_f64.cu`` and ``bwd_dq_f64.cu``: the RowsTile organisation with 8-byte elements
+    (``split_stream`` and ``kk_unroll`` unused: the 16-column blocks of S and dP are unrolled as the
+    kernels decide)."""
+
+    def smem_bytes(self, bucket, elem_bytes, dkdv, dq_atomic):
+        """The layout of bwd_rows_f64.cuh: owned and streamed tiles of doubles, the L2 and D vectors
+        in double, two dS^T staging buffers (atomic dQ). The elements are doubles whatever
+        ``elem_bytes`` says (the argument keeps the tables' common interface)."""
+        own, stream = self.own_stream(dkdv)
+        row = bucket * 8 + 16
+        total = 2 * own * row + 2 * self.stages * stream * row
+        if dkdv:
+            total += 2 * self.stages * stream * 8
+            if dq_atomic:
+                total += 2 * own * (stream * 8 + 16)
         return total
 
 
@@ -304,10 +378,16 @@ class BwdEntry:
 def dkdv_source(tile):
     """The dK/dV kernel of a tile (its type says which)."""
     return {WgTile: "kernels/bwd_dkdv_sm90.cu", KvTile: "kernels/bwd_dkdv_sm80.cu",
-            RowsTile: "kernels/bwd_dkdv_f32.cu"}[type(tile)]
+            RowsTile: "kernels/bwd_dkdv_f32.cu", F64RowsTile: "kernels/bwd_dkdv_f64.cu"}[type(tile)]
 
 
 DQ_SOURCE = "kernels/bwd_dq.cu"
+DQ_F64_SOURCE = "kernels/bwd_dq_f64.cu"
+
+
+def dq_source(tile):
+    """The dQ kernel of a tile (its type says which)."""
+    return DQ_F64_SOURCE if isinstance(tile, F64RowsTile) else DQ_SOURCE
 
 _R, _K, _W, _E = RowsTile, KvTile, WgTile, BwdEntry
 # sm90 entries fit 227 KiB of shared memory per CTA; sm80-family entries fit the 99 KiB of
@@ -356,7 +436,33 @@ BWD_TILES = {
     },
 }
 
-_NP = {"float16": numpy.float16, "bfloat16": numpy.uint16, "float32": numpy.float32}
+_R64 = F64RowsTile
+# float64: dK and dV of d / split_d columns take 2 * d / split_d registers per 16 keys, S and dP
+# block_m each (dQ: d / split_d and 2 * block_n); shared memory bounds the tiles as for the forward.
+BWD_TILES[("sm90", "float64")] = {
+    32: _E(_R64(16, 64, 4), _R64(64, 32, 4)),
+    64: _E(_R64(16, 64, 4), _R64(64, 32, 4)),
+    96: _E(_R64(16, 64, 8, 2), _R64(64, 16, 8, 2)),
+    128: _E(_R64(16, 64, 8, 2), _R64(64, 16, 8, 2)),
+    160: _E(_R64(16, 32, 8, 4), _R64(32, 16, 8, 4)),
+    192: _E(_R64(16, 32, 8, 4), _R64(32, 16, 8, 4)),
+    224: _E(_R64(8, 32, 8, 4), _R64(32, 16, 8, 4)),
+    256: _E(_R64(8, 32, 8, 4), _R64(32, 8, 8, 4)),
+}
+# The sm80 family's 99 KiB leave one streamed tile (stages=1) at d = 224, 256 (192 for the atomic
+# dK/dV variant); the atomic variant at d = 256 does not fit there (the launcher takes the dQ kernel).
+BWD_TILES[("sm80", "float64")] = {
+    32: _E(_R64(16, 64, 4), _R64(64, 32, 4)),
+    64: _E(_R64(16, 32, 4, 2), _R64(32, 16, 4, 2)),
+    96: _E(_R64(16, 16, 4, 4), _R64(32, 16, 4, 2)),
+    128: _E(_R64(8, 16, 4, 4), _R64(16, 16, 4, 4)),
+    160: _E(_R64(8, 16, 4, 4), _R64(16, 8, 4, 4)),
+    192: _E(_R64(8, 16, 4, 4, stages=1), _R64(16, 8, 4, 4)),
+    224: _E(_R64(8, 16, 4, 4, stages=1), _R64(16, 8, 4, 4, stages=1)),
+    256: _E(_R64(8, 16, 4, 4, stages=1), _R64(16, 8, 4, 4, stages=1)),
+}
+
+_NP = {"float16": numpy.float16, "bfloat16": numpy.uint16, "float32": numpy.float32, "float64": numpy.float64}
 
 
 def elem_bytes(dtype_name):
@@ -466,7 +572,7 @@ def instantiations(fam=None):
                 for mods in SCORE_MOD_SETS:
                     for vec in (1, 0):
                         tile, _ = fwd_tile(f, name, bucket, bucket, mods, vec)
-                        add((FWD_SOURCE, FWD_KERNEL, fwd_defines(tile, bucket, name, vec, mods)))
+                        add((fwd_source(tile), FWD_KERNEL, fwd_defines(tile, bucket, name, vec, mods)))
     for (f, kind_name), table in BWD_TILES.items():
         if fam is not None and f != fam:
             continue
@@ -477,7 +583,7 @@ def instantiations(fam=None):
                         tile = dkdv_tile(f, name, bucket, mods, atomic)
                         add((dkdv_source(tile), DKDV_KERNEL, dkdv_defines(tile, bucket, name, atomic, mods)))
                     entry, _ = bwd_entry(f, name, bucket, bucket, mods)
-                    add((DQ_SOURCE, DQ_KERNEL, dq_defines(entry.dq, bucket, name, mods)))
+                    add((dq_source(entry.dq), DQ_KERNEL, dq_defines(entry.dq, bucket, name, mods)))
     for name in DTYPE_CODES:
         add((AUX_SOURCE, PREPROCESS_KERNEL, aux_defines(name)))
         add((AUX_SOURCE, CONVERT_KERNEL, aux_defines(name)))
