@@ -5,9 +5,12 @@ options, so they are made once per such combination and kept (``_plan``): a repe
 for a dictionary lookup instead. Arrays themselves (pointers, strides) are never part of the key.
 """
 
+from typing import Callable, Optional, Union
+
 from . import _dispatch, _ragged_api
 from ._interop import export, import_operands
 from ._problem import check_backward, check_forward
+from ._types import Alignment, Array, Backend, Window
 
 _SEMANTICS = """
     Shapes are "BSHD": q is (B, Sq, Hq, D), k is (B, Sk, Hkv, D), v is (B, Sk, Hkv, Dv), and out
@@ -47,8 +50,10 @@ def _doc(text):
     return text.replace("%(semantics)s", _SEMANTICS)
 
 
-def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
-              alibi_slopes=None, scale=None, return_lse=False, seqlens_q=None, seqlens_k=None, backend="auto"):
+def attention(q: Array, k: Array, v: Array, *, causal: bool = False, causal_alignment: Alignment = "bottom_right",
+              window: Window = None, softcap: Optional[float] = None, alibi_slopes: Optional[Array] = None,
+              scale: Optional[float] = None, return_lse: bool = False, seqlens_q: Optional[Array] = None,
+              seqlens_k: Optional[Array] = None, backend: Backend = "auto") -> Union[Array, tuple[Array, Array]]:
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale,
                    return_lse=return_lse)
     if seqlens_q is not None or seqlens_k is not None:
@@ -199,9 +204,11 @@ def _backward(dout, q, k, v, out, lse, alibi_slopes, options, backend, what):
     return backward_arrays(dout, q, k, v, out, lse, slopes, options, backend, what, origin)
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, causal_alignment="bottom_right", window=None,
-                       softcap=None, alibi_slopes=None, scale=None, deterministic=False, seqlens_q=None,
-                       seqlens_k=None, backend="auto"):
+def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *, causal: bool = False,
+                       causal_alignment: Alignment = "bottom_right", window: Window = None,
+                       softcap: Optional[float] = None, alibi_slopes: Optional[Array] = None,
+                       scale: Optional[float] = None, deterministic: bool = False, seqlens_q: Optional[Array] = None,
+                       seqlens_k: Optional[Array] = None, backend: Backend = "auto") -> tuple[Array, Array, Array]:
     options = dict(causal=causal, causal_alignment=causal_alignment, window=window, softcap=softcap, scale=scale,
                    deterministic=deterministic)
     if seqlens_q is not None or seqlens_k is not None:
@@ -234,9 +241,11 @@ attention_backward.__doc__ = _doc("""Gradients (dq, dk, dv) of attention, given 
 """)
 
 
-def attention_vjp(q, k, v, *, causal=False, causal_alignment="bottom_right", window=None, softcap=None,
-                  alibi_slopes=None, scale=None, deterministic=False, seqlens_q=None, seqlens_k=None,
-                  backend="auto"):
+def attention_vjp(q: Array, k: Array, v: Array, *, causal: bool = False, causal_alignment: Alignment = "bottom_right",
+                  window: Window = None, softcap: Optional[float] = None, alibi_slopes: Optional[Array] = None,
+                  scale: Optional[float] = None, deterministic: bool = False, seqlens_q: Optional[Array] = None,
+                  seqlens_k: Optional[Array] = None,
+                  backend: Backend = "auto") -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
     """Attention for code without autograd: returns ``out`` and a function ``vjp(dout) -> (dq, dk, dv)``.
 
     Runs the forward once (keeping its lse), and each ``vjp`` call runs the backward on the saved

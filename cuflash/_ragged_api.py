@@ -6,11 +6,14 @@ version ragged calls run on the NumPy backend (GPU operands are copied to the ho
 a GPU cache is appended to on the GPU); ``backend="cuda"`` says so.
 """
 
+from typing import Any, Callable, Optional, Union
+
 import numpy
 
 from . import _dispatch, _numpy_backend, _ragged
 from ._errors import BackendUnavailableError
 from ._interop import export, import_operands
+from ._types import Alignment, Array, Backend, Window
 
 _NOT_ON_GPU = ("ragged batches (packed sequences, padded lengths, key/value caches) run on the NumPy "
                "backend in this version; use backend=\"auto\" or \"numpy\"")
@@ -45,9 +48,12 @@ def _in_frame(x):
     return x[None]
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
-                     causal_alignment="bottom_right", window=None, softcap=None, alibi_slopes=None, scale=None,
-                     return_lse=False, backend="auto"):
+def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu_seqlens_k: Array, *,
+                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, causal: bool = False,
+                     causal_alignment: Alignment = "bottom_right", window: Window = None,
+                     softcap: Optional[float] = None, alibi_slopes: Optional[Array] = None,
+                     scale: Optional[float] = None, return_lse: bool = False,
+                     backend: Backend = "auto") -> Union[Array, tuple[Array, Array]]:
     """Attention over packed sequences of different lengths ("varlen", FlashAttention's
     ``flash_attn_varlen_func``).
 
@@ -81,9 +87,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     return (out, lse) if return_lse else out
 
 
-def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
-                              max_seqlen_k=None, causal=False, causal_alignment="bottom_right", window=None,
-                              softcap=None, alibi_slopes=None, scale=None, deterministic=False, backend="auto"):
+def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, cu_seqlens_q: Array,
+                              cu_seqlens_k: Array, *, max_seqlen_q: Optional[int] = None,
+                              max_seqlen_k: Optional[int] = None, causal: bool = False,
+                              causal_alignment: Alignment = "bottom_right", window: Window = None,
+                              softcap: Optional[float] = None, alibi_slopes: Optional[Array] = None,
+                              scale: Optional[float] = None, deterministic: bool = False,
+                              backend: Backend = "auto") -> tuple[Array, Array, Array]:
     """Gradients (dq, dk, dv) of ``attention_varlen``, given dout (total_q, Hq, Dv) and the
     forward's out and lse (``return_lse=True``); options must match the forward's."""
     what = "cuflash.attention_varlen_backward"
@@ -104,7 +114,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     return _deliver(origin, tuple(grads))
 
 
-def attention_varlen_vjp(q, k, v, cu_seqlens_q, cu_seqlens_k, *, deterministic=False, **options):
+def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu_seqlens_k: Array, *,
+                         deterministic: bool = False,
+                         **options: Any) -> tuple[Array, Callable[[Array], tuple[Array, Array, Array]]]:
     """``attention_varlen`` for code without autograd: returns ``out`` and ``vjp(dout) -> (dq, dk, dv)``."""
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **options)
 
@@ -144,9 +156,12 @@ def padded_backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, alibi_slopes,
     return _deliver(origin, tuple(grads))
 
 
-def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None,
-                           causal=False, window=None, softcap=None, alibi_slopes=None, scale=None, return_lse=False,
-                           backend="auto"):
+def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqlens: Array, *,
+                           k_new: Optional[Array] = None, v_new: Optional[Array] = None,
+                           block_table: Optional[Array] = None, causal: bool = False, window: Window = None,
+                           softcap: Optional[float] = None, alibi_slopes: Optional[Array] = None,
+                           scale: Optional[float] = None, return_lse: bool = False,
+                           backend: Backend = "auto") -> Union[Array, tuple[Array, Array]]:
     """Attention of new queries against a key/value cache (decoding; FlashAttention's
     ``flash_attn_with_kvcache``). Forward only.
 

@@ -77,7 +77,7 @@ def _driver_loadable():
 
 
 @functools.lru_cache(maxsize=1)
-def gpu_available():
+def gpu_available() -> tuple[bool, str]:
     """``(True, description)`` when CuPy can run kernels here, else ``(False, reason)``. Never raises."""
     try:
         import cupy
