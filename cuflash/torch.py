@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _api, _interop, _problem, _ragged_api
 
-__all__ = ["attention", "attention_varlen"]
+__all__ = ["attention", "attention_varlen", "transformers_attention"]
 
 _WHAT = "cuflash.torch.attention"
 
@@ -364,3 +364,129 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     out, _lse = _varlen_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
                                    *options, backend)
     return out
+
+
+# transformers: an attention function for its ``AttentionInterface``. transformers hands BHSD
+# tensors and a mask built by the mask function registered under the same name; cuflash takes
+# the mask only where it can compute exactly what it says (right-padded keys, a causal reach),
+# and refuses it otherwise.
+_TRANSFORMERS = "cuflash.torch.transformers_attention"
+
+
+def transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                           softcap=None, **kwargs):
+    """``cuflash.torch.attention`` in the calling convention of transformers' ``AttentionInterface``.
+
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+        AttentionInterface.register("cuattention", cuflash.torch.transformers_attention)
+        AttentionMaskInterface.register("cuattention", sdpa_mask)
+        model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="cuattention")
+
+    (Any name without "flash" in it: transformers takes such names for its own FlashAttention.)
+    query (B, Hq, Sq, D), key and value (B, Hkv, Sk, ·) as transformers passes them (read in
+    place, no copies for grouped-query heads); returns (attn_output (B, Sq, Hq, Dv), None).
+    ``scaling`` and ``softcap`` are cuflash's ``scale`` and ``softcap``.
+
+    ``attention_mask`` None means what it means in transformers' SDPA path: causal (top-left, as
+    SDPA's ``is_causal``) when ``is_causal`` (default ``module.is_causal``, else True) and Sq > 1,
+    full attention otherwise. A boolean (B, 1 or Hq, Sq, Sk) mask (True = attend), as
+    ``sdpa_mask`` builds it, is run when it is exactly "key j < L[b] and j ≤ i + r" for per-batch
+    lengths L (right padding) and one reach r ≥ 0 (or no reach); a (B, Sk) padding mask (nonzero =
+    token) when Sq = Sk, combined with ``is_causal``. Padded keys become ``seqlens_k``; padded
+    query rows are computed like the others, as in SDPA. Reading a mask waits for the GPU.
+    Everything else raises ValueError rather than computing something else: left padding,
+    packed sequences, sliding windows, additive float masks, ``dropout`` > 0, attention weights
+    (``output_attentions``), ``position_bias``, attention sinks, and a model whose implementation
+    name has another mask function than ``sdpa_mask`` registered (without one, transformers
+    drops the padding mask before calling).
+    """
+    problems = []
+    if dropout:
+        problems.append(f"dropout={dropout}: cuflash has no attention dropout (use model.eval() or dropout 0)")
+    if kwargs.get("output_attentions"):
+        problems.append("output_attentions=True: cuflash never forms the attention weights")
+    for name in ("position_bias", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            problems.append(f"{name} is given; cuflash has no such term")
+    problems += _mask_function_problems(module)
+    if problems:
+        raise ValueError(f"invalid arguments to {_TRANSFORMERS}:\n  - " + "\n  - ".join(problems))
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    if attention_mask is None:
+        seqlens_k, reach = None, 0 if is_causal and q.shape[1] > 1 else None
+    else:
+        seqlens_k, reach = _mask_pattern(attention_mask, q.shape[0], q.shape[1], k.shape[1], is_causal)
+        seqlens_k = seqlens_k if seqlens_k is None else seqlens_k.to(q.device)
+    out = attention(q, k, v, causal=reach == 0, causal_alignment="top_left",
+                    window=(None, reach) if reach else None, softcap=softcap, scale=scaling, seqlens_k=seqlens_k)
+    return out, None
+
+
+def _mask_function_problems(module):
+    """Without ``sdpa_mask`` registered for the model's implementation, the mask that reaches the
+    attention function may have lost the padding (none registered) or windows and packing
+    (``flash_attention_mask``): say so, since the call could not tell."""
+    import sys  # transformers is imported by whoever calls this from a model, never by cuflash
+
+    masks = sys.modules.get("transformers.masking_utils")
+    name = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if masks is None or not isinstance(name, str):
+        return []
+    if masks.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name) is masks.sdpa_mask:
+        return []
+    return [f"the attention implementation {name!r} needs transformers' sdpa_mask as its mask function: "
+            f"AttentionMaskInterface.register({name!r}, transformers.masking_utils.sdpa_mask)"]
+
+
+def _mask_pattern(mask, batch, sq, sk, is_causal):
+    """(seqlens_k or None, reach or None) such that query i of batch b sees key j exactly when
+    j < seqlens_k[b] (all keys for None) and j ≤ i + reach (no limit for None); ValueError when
+    ``mask`` is not of that form."""
+    def refuse(why):
+        raise ValueError(f"invalid arguments to {_TRANSFORMERS}:\n  - attention_mask {why}")
+
+    if not isinstance(mask, torch.Tensor):
+        refuse(f"must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.ndim == 2:
+        if tuple(mask.shape) != (batch, sk):
+            refuse(f"of shape {tuple(mask.shape)} is not a (B, Sk) = {(batch, sk)} padding mask")
+        if sq != sk:
+            refuse(f"is a (B, Sk) padding mask but Sq = {sq} differs from Sk = {sk}, so the queries' positions "
+                   "are unknown; pass the (B, 1, Sq, Sk) mask of transformers' sdpa_mask")
+        keys = mask != 0
+    elif mask.ndim == 4:
+        if mask.dtype != torch.bool:
+            refuse(f"has dtype {mask.dtype}; cuflash takes boolean masks (True = attend), as transformers' "
+                   "sdpa_mask makes them, not additive ones")
+        if mask.shape[0] != batch or tuple(mask.shape[2:]) != (sq, sk):
+            refuse(f"of shape {tuple(mask.shape)} is not (B, H, Sq, Sk) with B, Sq, Sk = {(batch, sq, sk)}")
+        keys = mask.any(dim=(1, 2))
+    else:
+        refuse(f"has {mask.ndim} dimensions; expected a (B, Sk) padding mask or a (B, H, Sq, Sk) boolean mask")
+    lengths = keys.sum(dim=1)
+    columns = torch.arange(sk, device=mask.device)
+    if not torch.equal(keys, columns < lengths[:, None]):
+        refuse("masks keys that are followed by unmasked ones (left padding or packed sequences); cuflash "
+               "takes right-padded batches only")
+    if mask.ndim == 2:
+        reach = 0 if is_causal else None
+        host_lengths = lengths.tolist()
+    else:
+        # Row 0 sees reach + 1 keys unless its batch element's length cuts it off first.
+        first = mask[:, 0, 0, :].sum(dim=1) if sq else lengths
+        host_lengths, host_first = torch.stack((lengths, first)).tolist()
+        reaches = {count - 1 for length, count in zip(host_lengths, host_first) if count < length}
+        reach = min(reaches) if reaches else None
+        if reach is not None and reach < 0:
+            refuse("leaves the first query row with no key, which a causal reach of 0 or more cannot say")
+        expected = columns < lengths[:, None, None]
+        if reach is not None:
+            expected = expected & (columns <= torch.arange(sq, device=mask.device)[:, None] + reach)
+        if not torch.equal(mask, expected[:, None].expand(mask.shape)):
+            refuse("is not right padding combined with a causal mask (a sliding window, chunked or packed "
+                   "attention, or a per-head pattern); cuflash cannot apply it exactly")
+    full = all(length == sk for length in host_lengths)
+    return None if full else lengths.to(torch.int32), reach
