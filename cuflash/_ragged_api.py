@@ -2,8 +2,10 @@
 
 ``_ragged`` checks the offsets and lengths and turns them into segments (one dense problem per
 sequence); here they are run and the results handed back in the caller's array type. In this
-version ragged calls run on the NumPy backend (GPU operands are copied to the host and back, and
-a GPU cache is appended to on the GPU); ``backend="cuda"`` says so.
+version packed and padded calls run on the NumPy backend (GPU operands are copied to the host and
+back); ``backend="cuda"`` says so. Cache calls on GPU caches of float16 or bfloat16 run on the GPU
+(``_cuda/decode.py``: append, split-KV decode, merge), every other cache call on the NumPy backend
+(a GPU cache is then appended to on the GPU).
 """
 
 from typing import Any, Callable, Optional, Union
@@ -15,8 +17,8 @@ from ._errors import BackendUnavailableError
 from ._interop import export, import_operands
 from ._types import Alignment, Array, Backend, Window
 
-_NOT_ON_GPU = ("ragged batches (packed sequences, padded lengths, key/value caches) run on the NumPy "
-               "backend in this version; use backend=\"auto\" or \"numpy\"")
+_NOT_ON_GPU = ("packed sequences and padded lengths run on the NumPy backend in this version; use "
+               "backend=\"auto\" or \"numpy\"")
 
 
 def _host(x):
@@ -175,6 +177,13 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqle
     causal/window rules aligned bottom-right (the queries are the last positions). Two sequences
     may share pages to read them, not to append into the same slot.
 
+    GPU caches of float16 or bfloat16 are decoded on the GPU (``backend="auto"`` or ``"cuda"``):
+    the query heads of a GQA group share one read of the keys and values, long caches are split
+    across CTAs and merged by the log-sum-exp rule (the result does not depend on the split count
+    beyond float32 rounding), and the sequence lengths are read on the device. Every other cache
+    call runs on the NumPy backend, which ``backend="cuda"`` refuses. ``cache_seqlens`` and
+    ``block_table`` are also copied to the host to be checked (B and B x max_pages numbers).
+
     Returns out (B, Sq, Hq, Dv) and, with ``return_lse=True``, lse (B, Hq, Sq).
     """
     what = "cuflash.attention_with_kvcache"
@@ -189,7 +198,9 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqle
                                        a["block_table"], alibi_slopes=a["alibi_slopes"], what=what, writable=writable,
                                        causal=causal, causal_alignment="bottom_right", window=window, softcap=softcap,
                                        scale=scale, backend=backend, return_lse=return_lse)
-    _backend(backend, what)
+    if _kvcache_on_gpu(backend, origin, base, what):
+        out, lse = _kvcache_gpu(a, origin, base, plan)
+        return (out, lse) if return_lse else out
     if a["k_new"] is not None:
         with origin.context():
             _ragged.append_to_cache(a["k_cache"], a["v_cache"], a["k_new"], a["v_new"], plan)
@@ -205,3 +216,48 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqle
                                _ragged.sequence_problem(base, segment, alibi, "bottom_right"))
     out, lse = _deliver(origin, (out, lse))
     return (out, lse) if return_lse else out
+
+
+def _kvcache_on_gpu(backend, origin, problem, what):
+    """Whether a cache call runs on the GPU: GPU caches of a dtype the decode kernel takes, with
+    backend "auto" or "cuda". ``backend="cuda"`` otherwise raises, saying why (before any work)."""
+    if backend == "numpy":
+        return False
+    from ._cuda import decode, runtime
+
+    reason = None
+    if not origin.on_gpu:
+        reason = "the cache is in host memory (the GPU path runs on GPU caches, appended to in place)"
+    else:
+        ok, reason = runtime.gpu_available()
+        if ok:
+            ok, reason = decode.supported(problem)
+        reason = None if ok else reason
+    if reason is not None and backend == "cuda":
+        raise BackendUnavailableError(f"backend='cuda' cannot run {what}: {reason}")
+    return reason is None
+
+
+def _kvcache_gpu(a, origin, base, plan):
+    """The cache call on the GPU, on the caller's stream: append k_new/v_new, then decode (split-KV
+    and merge). (out, lse) as the caller's arrays."""
+    from . import _api
+    from ._cuda import decode
+
+    def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, slopes):
+        import cupy
+
+        with cupy.cuda.Device(q.device.id):
+            if k_new is not None:
+                decode.append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+            out = _dispatch._empty(cupy, base.out_shape, base.dtype)
+            lse = _dispatch._empty(cupy, base.lse_shape, numpy.float32)
+            decode.flash_decode(q, k_cache, v_cache, cache_seqlens, block_table, slopes, out, lse, base,
+                                seqlen_new=0 if k_new is None else k_new.shape[1],
+                                max_seqlen_k=max(plan.seqlens_k, default=0))
+        return out, lse
+
+    arrays = tuple(a[name] for name in ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "block_table",
+                                        "alibi_slopes"))
+    specs = ((base.out_shape, base.dtype), (base.lse_shape, numpy.dtype(numpy.float32)))
+    return _api._run(origin, run, arrays, specs)

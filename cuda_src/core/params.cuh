@@ -76,4 +76,52 @@ struct BwdParamsOf {
 
 using BwdParams = BwdParamsOf<float>;
 
+// Decoding against a key/value cache (kernels/decode.cu): q (B, Sq, Hq, D) against the first
+// cache_seqlens[b] + seqlen_new keys of sequence b. fwd describes the problem as the forward does,
+// with k and v the caches: dense, (B, S_cache, Hkv, .) with k_st.b between sequences, or paged,
+// (num_pages, page_size, Hkv, .) with k_st.b between pages and the pages of sequence b listed in
+// block_table[b * table_stride + n]. fwd.seqlen_k and fwd.mask_offset are unused: each sequence's
+// key count comes from cache_seqlens, and its mask is aligned bottom-right with that count.
+struct DecodeParams {
+    FwdParams fwd;
+    const int* cache_seqlens;    // (B,) keys in each sequence's cache before the append
+    const int* block_table;      // (B, max_pages) page indices; null for a dense cache
+    float* o_partial;            // (splits, B * Sq * Hq, Dv) normalized partial O of each split
+    float* lse_partial;          // (splits, B * Sq * Hq) natural-log LSE of each split; -inf: no key
+    i64 table_stride;            // elements between rows of block_table
+    int seqlen_new;              // S_new: keys appended to every sequence (already in the cache)
+    int page_size;               // keys per page (paged)
+    int splits;                  // CTAs sharing one (batch, kv head, row tile); 1: out, lse written directly
+    int row_tiles;               // tiles of packed query rows (t, g) per (batch, kv head)
+};
+
+// Log-sum-exp merge of partial results (kernels/combine.cu). Row r = (b * Sq + t) * H + h of
+// every split s holds a normalized partial O at o_partial[(s * rows + r) * head_dim_v + .] and
+// its natural-log LSE at lse_partial[s * rows + r] (-inf with O = 0 where the split saw no key);
+// the merge goes to out (B, Sq, H, Dv) and lse (B, H, Sq).
+struct CombineParams {
+    const float* o_partial;
+    const float* lse_partial;
+    void* out;
+    float* lse;
+    Strides o_st;
+    i64 lse_sb, lse_sh, lse_ss;
+    i64 rows;                    // B * Sq * H
+    int seqlen_q, heads, head_dim_v, splits;
+};
+
+// Appending k_new, v_new (B, S_new, Hkv, D / Dv) into a cache (kernels/append.cu) at positions
+// cache_seqlens[b] + t, dense or paged as in DecodeParams.
+struct AppendParams {
+    const void* k_new;
+    const void* v_new;
+    void* k_cache;
+    void* v_cache;
+    const int* cache_seqlens;
+    const int* block_table;      // null for a dense cache
+    Strides kn_st, vn_st, kc_st, vc_st;
+    i64 table_stride;
+    int batch, seqlen_new, heads_kv, head_dim, head_dim_v, page_size;
+};
+
 }  // namespace cuflash

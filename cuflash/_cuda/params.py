@@ -182,3 +182,71 @@ def backward(fwd, dout, l2, dsum, dq_accum, dq, dk, dv, dk_strides, dv_strides, 
     p["seqlen_q_pad"], p["heads_per_split"], p["splits"], p["n_tiles"] = seqlen_q_pad, heads_per_split, splits, n_tiles
     p["vec_in"], p["f32_out"] = int(vec_in), int(f32_out)
     return p[()]
+
+
+# Decoding against a key/value cache: DecodeParams, CombineParams and AppendParams of params.cuh.
+
+DECODE = numpy.dtype([
+    ("fwd", FWD),
+    ("cache_seqlens", _PTR), ("block_table", _PTR), ("o_partial", _PTR), ("lse_partial", _PTR),
+    ("table_stride", _I64),
+    ("seqlen_new", _I32), ("page_size", _I32), ("splits", _I32), ("row_tiles", _I32),
+], align=True)
+
+COMBINE = numpy.dtype([
+    ("o_partial", _PTR), ("lse_partial", _PTR), ("out", _PTR), ("lse", _PTR),
+    ("o_st", STRIDES),
+    ("lse_sb", _I64), ("lse_sh", _I64), ("lse_ss", _I64),
+    ("rows", _I64),
+    ("seqlen_q", _I32), ("heads", _I32), ("head_dim_v", _I32), ("splits", _I32),
+], align=True)
+
+APPEND = numpy.dtype([
+    ("k_new", _PTR), ("v_new", _PTR), ("k_cache", _PTR), ("v_cache", _PTR), ("cache_seqlens", _PTR),
+    ("block_table", _PTR),
+    ("kn_st", STRIDES), ("vn_st", STRIDES), ("kc_st", STRIDES), ("vc_st", STRIDES),
+    ("table_stride", _I64),
+    ("batch", _I32), ("seqlen_new", _I32), ("heads_kv", _I32), ("head_dim", _I32), ("head_dim_v", _I32),
+    ("page_size", _I32),
+], align=True)
+
+_C_NAMES.update({DECODE: "cuflash::DecodeParams", COMBINE: "cuflash::CombineParams",
+                 APPEND: "cuflash::AppendParams"})
+
+DECODE_POINTERS = tuple(f"fwd.{name}" for name in FWD_POINTERS) + ("cache_seqlens", "block_table", "o_partial",
+                                                                   "lse_partial")
+COMBINE_POINTERS = ("o_partial", "lse_partial", "out", "lse")
+APPEND_POINTERS = ("k_new", "v_new", "k_cache", "v_cache", "cache_seqlens", "block_table")
+
+
+def decode(problem, q, k_cache, v_cache, out, lse, table_stride, seqlen_new, page_size, splits, row_tiles, vec_out):
+    """The DecodeParams of a cache call (``problem`` the dense problem of q against one sequence of
+    the cache, as ``_ragged.check_kvcache`` returns it); pointers are filled per call."""
+    p = numpy.zeros((), DECODE)
+    p["fwd"] = forward(problem, q, k_cache, v_cache, out, lse, None, 0, vec_out)
+    p["table_stride"] = table_stride
+    p["seqlen_new"], p["page_size"], p["splits"], p["row_tiles"] = seqlen_new, page_size, splits, row_tiles
+    return p[()]
+
+
+def combine(out, lse, batch, seqlen_q, heads, head_dim_v, splits):
+    """The CombineParams merging ``splits`` partial results into out (B, Sq, H, Dv) and lse (B, H, Sq)."""
+    p = numpy.zeros((), COMBINE)
+    p["o_st"] = strides(out)
+    p["lse_sb"], p["lse_sh"], p["lse_ss"] = strides(lse)
+    p["rows"] = batch * seqlen_q * heads
+    p["seqlen_q"], p["heads"], p["head_dim_v"], p["splits"] = seqlen_q, heads, head_dim_v, splits
+    return p[()]
+
+
+def append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, page_size):
+    """The AppendParams writing k_new, v_new (B, S_new, Hkv, .) into the caches (block_table None
+    for a dense cache; both index vectors C-contiguous)."""
+    p = numpy.zeros((), APPEND)
+    for field, x in zip(APPEND_POINTERS, (k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)):
+        p[field] = pointer(x)
+    p["kn_st"], p["vn_st"], p["kc_st"], p["vc_st"] = (strides(x) for x in (k_new, v_new, k_cache, v_cache))
+    p["table_stride"] = 0 if block_table is None else block_table.strides[0] // block_table.itemsize
+    p["batch"], p["seqlen_new"], p["heads_kv"] = k_new.shape[0], k_new.shape[1], k_new.shape[2]
+    p["head_dim"], p["head_dim_v"], p["page_size"] = k_new.shape[3], v_new.shape[3], page_size
+    return p[()]

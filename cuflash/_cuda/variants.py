@@ -17,6 +17,7 @@ Element kinds: "16bit" (float16, bfloat16), "float32" and "float64". float64 has
 accumulation) with tiles of their own types (``F64FwdTile``, ``F64RowsTile``), in the same tables.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy
@@ -587,4 +588,141 @@ def instantiations(fam=None):
     for name in DTYPE_CODES:
         add((AUX_SOURCE, PREPROCESS_KERNEL, aux_defines(name)))
         add((AUX_SOURCE, CONVERT_KERNEL, aux_defines(name)))
+    for entry in decode_instantiations(fam):
+        add(entry)
     return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding against a key/value cache: kernels/decode.cu (split-KV; 16-bit), kernels/combine.cu (the
+# log-sum-exp merge of the splits' partial results), kernels/append.cu (k_new/v_new into the cache).
+# A decode CTA owns the packed query rows (t, g) of one (batch, kv head) -- one m16 tile, block_m
+# = 16 -- and streams key tiles of block_n, each warp owning block_n / warps of their keys.
+# ---------------------------------------------------------------------------------------------
+
+DECODE_SOURCE = "kernels/decode.cu"
+DECODE_KERNEL = "flash_decode"
+COMBINE_SOURCE = "kernels/combine.cu"
+COMBINE_KERNEL = "lse_combine"
+APPEND_SOURCE = "kernels/append.cu"
+APPEND_KERNEL = "kv_append"
+DECODE_DTYPES = ("float16", "bfloat16")
+COMBINE_DTYPES = ("float16", "bfloat16", "float32")
+COMBINE_ROWS_PER_CTA = 4  # warps of lse_combine, one row each
+APPEND_THREADS = 256
+
+
+@dataclass(frozen=True)
+class DecodeTile:
+    block_n: int
+    warps: int
+    stages: int
+    min_blocks: int = 1
+
+    block_m = 16  # packed query rows per CTA (decode.cu's kBlockM)
+
+    def smem_bytes(self, bucket, elem_bytes=2):
+        """``kSmemBytes`` of decode.cu: Q_i and ``stages`` K_j and V_j tiles of rows padded by 16
+        bytes, or the warps' merge buffers (O_i in float32 rows padded by 8 floats, m_i, l_i) where
+        those are larger (they reuse the K/V ring)."""
+        row = bucket * elem_bytes + 16
+        kv = 2 * self.stages * self.block_n * row
+        merge = self.warps * self.block_m * ((bucket + 8) * 4 + 8)
+        return self.block_m * row + max(kv, merge)
+
+    def ctas_per_sm(self, bucket, fam):
+        """CTAs of this tile one SM holds by shared memory (1 KiB reserved per CTA; sm_90: 228 KiB
+        per SM, the sm80 family's smallest: 100 KiB), at most 4."""
+        per_sm = {"sm90": 228 * 1024, "sm80": 100 * 1024}[fam]
+        return max(1, min(4, per_sm // (self.smem_bytes(bucket) + 1024)))
+
+
+_D = DecodeTile
+# Decoding reads every key and value once and computes little on them: the tiles are sized for
+# bytes in flight. An SM must keep about 36 KB of loads outstanding to draw its share of 4.8 TB/s
+# at ~1 us latency; each entry keeps (stages - 1) tiles of about 32 KB of K and V in flight per
+# CTA, with two CTAs per SM where shared memory allows (sm90: 227 KiB per CTA; the sm80 family
+# within the 99 KiB of sm_86/sm_89). Not yet tuned on hardware (bench/NOTES.md, "Decoding").
+DECODE_TILES = {
+    ("sm90", "16bit"): {32: _D(128, 4, 4, min_blocks=2), 64: _D(64, 4, 4, min_blocks=2),
+                        96: _D(64, 4, 4, min_blocks=2), 128: _D(64, 4, 3, min_blocks=2),
+                        160: _D(64, 4, 2, min_blocks=2), 192: _D(64, 4, 2, min_blocks=2), 224: _D(64, 4, 3),
+                        256: _D(64, 4, 3)},
+    ("sm80", "16bit"): {32: _D(128, 4, 4), 64: _D(64, 4, 4), 96: _D(64, 4, 3), 128: _D(64, 4, 2),
+                        160: _D(64, 4, 2), 192: _D(32, 2, 3), 224: _D(32, 2, 3), 256: _D(32, 2, 2)},
+}
+
+# What the decode kernel serves: everything the dense forward does (the mask, score modifiers,
+# GQA, any strides, Dv != D), for float16 and bfloat16.
+DECODE_FEATURES = FEATURES
+
+
+def decode_tile(fam, dtype_name, head_dim, head_dim_v):
+    """``(tile, bucket)`` of the decode kernel for a family, a 16-bit dtype and head dims."""
+    if dtype_name not in DECODE_DTYPES:
+        raise ValueError(f"the decode kernel takes {', '.join(DECODE_DTYPES)}, not {dtype_name}")
+    table = DECODE_TILES[(fam, kind(dtype_name))]
+    bucket = head_dim_bucket(head_dim, head_dim_v, table)
+    return table[bucket], bucket
+
+
+def decode_defines(tile, bucket, dtype_name, vec_load, mods):
+    """The ``#define`` block of one decode instantiation."""
+    return {"HEAD_DIM": bucket, "BLOCK_N": tile.block_n, "NUM_WARPS": tile.warps, "STAGES": tile.stages,
+            "MIN_BLOCKS": tile.min_blocks, "VEC_LOAD": int(vec_load), "DTYPE": DTYPE_CODES[dtype_name],
+            "SCORE_MODS": mods, "SMEM_BYTES": tile.smem_bytes(bucket, elem_bytes(dtype_name))}
+
+
+def combine_defines(dtype_name):
+    return {"DTYPE": DTYPE_CODES[dtype_name]}
+
+
+def append_defines(elem_size):
+    return {"ELEM_BYTES": elem_size}
+
+
+# Splits: at most this many CTAs share one sequence's keys, and each split keeps at least
+# DECODE_MIN_TILES_PER_SPLIT key tiles, so the pipeline's fill and the partial results stay small
+# beside the keys streamed.
+DECODE_MAX_SPLITS = 128
+DECODE_MIN_TILES_PER_SPLIT = 4
+
+
+def decode_splits(ctas, key_tiles, sm_count, ctas_per_sm):
+    """How many splits share each sequence's keys: ``ctas`` CTAs without splitting (batch x kv heads
+    x row tiles), ``key_tiles`` key tiles of the longest sequence, ``sm_count`` SMs holding
+    ``ctas_per_sm`` CTAs each.
+
+    No split when the grid fills 80 % of the CTA slots already. Among the counts that leave each
+    split DECODE_MIN_TILES_PER_SPLIT key tiles or more: the largest when even that leaves slots idle
+    (decoding is bound by bytes in flight, so every CTA adds to them); otherwise FlashAttention's
+    rule, the smallest count whose last wave is at least 85 % as full as the best count's."""
+    slots = sm_count * ctas_per_sm
+    most = max(1, min(DECODE_MAX_SPLITS, key_tiles // DECODE_MIN_TILES_PER_SPLIT))
+    if ctas <= 0 or ctas >= 0.8 * slots or most == 1:
+        return 1
+    if ctas * most <= slots:
+        return most
+
+    def efficiency(splits):
+        waves = ctas * splits / slots
+        return waves / math.ceil(waves)
+
+    best = max(efficiency(s) for s in range(1, most + 1))
+    return next(s for s in range(1, most + 1) if efficiency(s) >= 0.85 * best)
+
+
+def decode_instantiations(fam=None):
+    """Every decode, combine and append instantiation (on family ``fam`` only, if given)."""
+    out = []
+    for (f, kind_name), table in DECODE_TILES.items():
+        if fam is not None and f != fam:
+            continue
+        for bucket, tile in table.items():
+            for name in dtypes_of(kind_name):
+                for mods in SCORE_MOD_SETS:
+                    for vec in (1, 0):
+                        out.append((DECODE_SOURCE, DECODE_KERNEL, decode_defines(tile, bucket, name, vec, mods)))
+    out += [(COMBINE_SOURCE, COMBINE_KERNEL, combine_defines(name)) for name in COMBINE_DTYPES]
+    out += [(APPEND_SOURCE, APPEND_KERNEL, append_defines(size)) for size in (2, 4, 8)]
+    return out
