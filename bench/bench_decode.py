@@ -131,7 +131,7 @@ def run_shape(sq, batch, seqlen_k, pages, torch_mods):
         lse = cp.empty(base.lse_shape, dtype=cp.float32)
         row.setdefault("splits", decode.choose_splits(base, seqlen_k, variants.family(*runtime.compute_capability()),
                                                       decode.sm_count(q.device.id)))
-        return lambda: decode.flash_decode(q, kk, vv, lengths, table, None, out, lse, base, seqlen_new=0,
+        return lambda: decode.flash_decode(q, kk, vv, lengths, table, None, out, lse, base,
                                            max_seqlen_k=seqlen_k), out
 
     results = {}

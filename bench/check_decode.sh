@@ -66,7 +66,7 @@ base, plan = _ragged.check_kvcache(q, k_pages, v_pages, cp.asarray(lengths), Non
 for splits in (1, 3, 8):
     out = cp.empty(base.out_shape, dtype=dtype)
     lse = cp.empty(base.lse_shape, dtype=np.float32)
-    decode.flash_decode(q, k_pages, v_pages, cp.asarray(lengths), table, slopes, out, lse, base, seqlen_new=0,
+    decode.flash_decode(q, k_pages, v_pages, cp.asarray(lengths), table, slopes, out, lse, base,
                         max_seqlen_k=int(lengths.max()), splits=splits)
 dense_k, dense_v = (x[table].reshape(B, 7 * page, Hkv, D) for x in (k_pages, v_pages))
 cuflash.attention_with_kvcache(q[..., :64], cp.ascontiguousarray(dense_k[..., :64]), dense_v[..., ::2],

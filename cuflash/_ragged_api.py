@@ -248,13 +248,10 @@ def _kvcache_gpu(a, origin, base, plan):
         import cupy
 
         with cupy.cuda.Device(q.device.id):
-            if k_new is not None:
-                decode.append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
             out = _dispatch._empty(cupy, base.out_shape, base.dtype)
             lse = _dispatch._empty(cupy, base.lse_shape, numpy.float32)
             decode.flash_decode(q, k_cache, v_cache, cache_seqlens, block_table, slopes, out, lse, base,
-                                seqlen_new=0 if k_new is None else k_new.shape[1],
-                                max_seqlen_k=max(plan.seqlens_k, default=0))
+                                max_seqlen_k=max(plan.seqlens_k, default=0), k_new=k_new, v_new=v_new)
         return out, lse
 
     arrays = tuple(a[name] for name in ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "block_table",

@@ -62,23 +62,31 @@ def choose_splits(problem, max_seqlen_k, fam, sms):
     return variants.decode_splits(ctas, math.ceil(max_seqlen_k / tile.block_n), sms, tile.ctas_per_sm(bucket, fam))
 
 
-def flash_decode(q, k_cache, v_cache, cache_seqlens, block_table, slopes, out, lse, problem, *, seqlen_new,
-                 max_seqlen_k, splits=None):
-    """Compute ``out`` (B, Sq, Hq, Dv) and ``lse`` (B, Hq, Sq, float32) of q against the caches.
+def flash_decode(q, k_cache, v_cache, cache_seqlens, block_table, slopes, out, lse, problem, *, max_seqlen_k,
+                 k_new=None, v_new=None, splits=None):
+    """Append ``k_new``, ``v_new`` (if given) and compute ``out`` (B, Sq, Hq, Dv) and ``lse``
+    (B, Hq, Sq, float32) of q against the caches.
 
     CuPy arrays on one device: q (B, Sq, Hq, D); k_cache, v_cache dense (B, S_cache, Hkv, .) or
     paged (num_pages, page_size, Hkv, .) with ``block_table`` (B, max_pages) int32 (None: dense);
-    ``cache_seqlens`` (B,) int32 (sequence b attends to its first cache_seqlens[b] + seqlen_new
-    keys, the appended ones already written); ``slopes`` float32 (Hq,) or (B, Hq), or None.
-    ``problem`` is the dense problem of q against one sequence (``_ragged.check_kvcache``'s), and
-    ``max_seqlen_k`` the longest sequence's key count, which only the split heuristic reads. out
-    and lse are preallocated and every element is written. Runs on CuPy's current stream.
+    ``cache_seqlens`` (B,) int32; k_new, v_new (B, S_new, Hkv, .) or None. Sequence b's new keys
+    go to positions cache_seqlens[b] + t, and its queries attend to its first cache_seqlens[b] +
+    S_new keys. ``slopes``: float32 (Hq,) or (B, Hq), or None. ``problem`` is the dense problem of
+    q against one sequence (``_ragged.check_kvcache``'s, which has checked that the appends fit), and
+    ``max_seqlen_k`` the longest sequence's key count, which only the split heuristic reads. out and
+    lse are preallocated and every element is written. Everything that can refuse the call does so
+    before the first launch. Runs on CuPy's current stream.
     """
     import cupy
 
+    seqlen_new = 0 if k_new is None else k_new.shape[1]
     B, Sq, Hq = problem.batch, problem.seqlen_q, problem.heads_q
     if B == 0 or Sq == 0 or Hq == 0:
+        if seqlen_new:
+            append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         return
+    if max_seqlen_k > MAX_SEQLEN:
+        raise ValueError(f"a sequence of {max_seqlen_k} keys: the CUDA decode kernel takes up to {MAX_SEQLEN}")
     device = q.device.id
     fam = variants.family(*runtime.compute_capability(device))
     if splits is None:
@@ -97,8 +105,9 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, block_table, slopes, out, l
         if plan is None:
             if len(_plans) > _MAX_PLANS:
                 _plans.clear()
-            plan = _plans[key] = _Plan(q, k_cache, v_cache, block_table, out, lse, problem, seqlen_new, max_seqlen_k,
-                                       splits, fam)
+            plan = _plans[key] = _Plan(q, k_cache, v_cache, block_table, out, lse, problem, seqlen_new, splits, fam)
+        if seqlen_new:
+            append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         plan.run(q, k_cache, v_cache, cache_seqlens, block_table, slopes, out, lse)
 
 
@@ -110,13 +119,11 @@ class _Plan:
     """The decode launch (and with splits > 1 the workspace shapes and the merge) of one problem
     over arrays of fixed layouts."""
 
-    def __init__(self, q, k_cache, v_cache, block_table, out, lse, problem, seqlen_new, max_seqlen_k, splits, fam):
+    def __init__(self, q, k_cache, v_cache, block_table, out, lse, problem, seqlen_new, splits, fam):
         ok, reason = supported(problem)
         if not ok:
             raise BackendUnavailableError(reason)
         variants.require(variants.DECODE_FEATURES, problem, "the CUDA decode kernel")
-        if max_seqlen_k > MAX_SEQLEN:
-            raise ValueError(f"a sequence of {max_seqlen_k} keys: the CUDA decode kernel takes up to {MAX_SEQLEN}")
         if not 1 <= splits <= variants.DECODE_MAX_SPLITS:
             raise ValueError(f"splits must be in 1..{variants.DECODE_MAX_SPLITS}, got {splits}")
         name = numpy.dtype(problem.dtype).name

@@ -151,7 +151,7 @@ def launcher_call(q, k_cache, v_cache, cache_seqlens, slopes, options, splits, b
     out = cupy.full(base.out_shape, numpy.nan, dtype=base.dtype)
     lse = cupy.full(base.lse_shape, numpy.nan, dtype=numpy.float32)
     decode.flash_decode(q, kc, vc, lengths, table, None if slopes is None else dev(slopes), out, lse, base,
-                        seqlen_new=0, max_seqlen_k=max(plan.seqlens_k, default=0), splits=splits)
+                        max_seqlen_k=max(plan.seqlens_k, default=0), splits=splits)
     return out.get(), lse.get()
 
 
