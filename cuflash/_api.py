@@ -91,8 +91,9 @@ attention.__doc__ = _doc("""Exact attention softmax(scale · Q Kᵀ) V, computed
         Masks, windows and ALiBi align with each element's own lengths.
     backend : {"auto", "cuda", "numpy"}
         "auto" runs the CUDA kernels when CuPy and a usable GPU are present (NumPy inputs are
-        copied there and back) and the NumPy backend otherwise; float64 always runs on the NumPy
-        backend. Naming one forces it, with an error when it cannot run.
+        copied there and back) and the NumPy backend otherwise; float64 arrays already on a GPU
+        run on the float64 kernels, float64 host arrays on the NumPy backend. Naming one forces
+        it, with an error when it cannot run.
 
     Returns
     -------

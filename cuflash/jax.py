@@ -186,8 +186,9 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
 
     q, k, v are BSHD arrays — (B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, Dv) — of one dtype
     (float16, bfloat16, float32 or float64) on one device. Returns out (B, Sq, Hq, Dv), a JAX array
-    of the same dtype on the same device. GPU arrays run on the CUDA kernels, which read them in
-    place; CPU arrays and float64 run on cuflash's NumPy backend. The options mean what they mean
+    of the same dtype on the same device. GPU arrays run on the CUDA kernels (float64 on the
+    float64 kernels), which read them in place; CPU arrays run on cuflash's NumPy backend. The
+    options mean what they mean
     in ``cuflash.attention``; ``alibi_slopes`` is a float32 array of shape (Hq,) or (B, Hq) and gets
     no gradient; ``deterministic=True`` makes the backward bitwise reproducible on the GPU.
 

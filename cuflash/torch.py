@@ -202,8 +202,8 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
     (float16, bfloat16, float32 or float64) on one device, with any strides (BHSD storage passes
     in as ``x.transpose(1, 2)``). Returns out (B, Sq, Hq, Dv), a new contiguous tensor of the same
     dtype and device. CUDA tensors run on the GPU kernels, on PyTorch's current stream, reading
-    the tensors in place; float64 and CPU tensors run on cuflash's NumPy backend (CPU tensors in
-    place, CUDA float64 ones copied to the host and back). The options mean what they mean in
+    the tensors in place (float64 ones on the float64 kernels); CPU tensors run on cuflash's NumPy
+    backend, in place. The options mean what they mean in
     ``cuflash.attention``; ``alibi_slopes`` is a float32 tensor of shape (Hq,) or (B, Hq) on q's
     device and gets no gradient; ``deterministic=True`` makes the backward bitwise reproducible on
     the GPU.
