@@ -20,6 +20,7 @@ dense backend on each segment's views.
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy
 
@@ -188,7 +189,11 @@ class CachePlan:
     seqlens_k: tuple  # cache_seqlens[b] + S_new
     cache_seqlens: tuple
     page_size: int  # 0 for a dense cache
-    pages: tuple  # per batch element, the block_table entries in use (paged only)
+    table: Optional[numpy.ndarray]  # the block table on the host (int64), paged only
+
+    def pages(self, b, n):
+        """The pages holding the first n keys of sequence b (a paged cache)."""
+        return self.table[b, :-(-n // self.page_size)]
 
 
 def check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, *, alibi_slopes, what,
@@ -233,35 +238,52 @@ def check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
     lengths = _check_lengths(problems, "cache_seqlens", cache_seqlens, B, math.inf, "cache")
     if lengths is None:
         problems.raise_if_any(what)
-    pages = ()
-    page_size = 0
+    page_size, table = 0, None
     if paged:
         page_size = slot_len
         table = _check_int_vector_2d(problems, block_table, B)
-        if table is not None and lengths is not None:
-            capacity = table.shape[1] * page_size
-            pages = []
-            for b in range(B):
-                n = int(lengths[b]) + S_new
-                if n > capacity:
-                    problems.value(f"sequence {b} needs {n} keys (cache_seqlens[{b}] + S_new) but its block_table row "
-                                   f"holds {table.shape[1]} pages of {page_size}")
-                    continue
-                used = table[b, :-(-n // page_size)]
-                if ((used < 0) | (used >= num_slots)).any():
-                    problems.value(f"block_table[{b}] has page indices outside 0..{num_slots - 1} among the "
-                                   f"{used.size} pages in use")
-                pages.append(tuple(int(p) for p in used))
-            if len(pages) == B and S_new:
-                _check_no_shared_writes(problems, pages, lengths, S_new, page_size)
-    elif lengths is not None:
+        if table is not None:
+            _check_pages(problems, table, lengths, S_new, page_size, num_slots)
+    else:
         over = numpy.flatnonzero(lengths + S_new > slot_len)
         if over.size:
             b = int(over[0])
             problems.value(f"cache_seqlens[{b}] + S_new = {lengths[b] + S_new} exceeds the cache length {slot_len}")
     problems.raise_if_any(what)
-    plan = CachePlan(tuple(int(n) + S_new for n in lengths), tuple(int(n) for n in lengths), page_size, tuple(pages))
+    plan = CachePlan(tuple(int(n) + S_new for n in lengths), tuple(int(n) for n in lengths), page_size, table)
     return base, plan
+
+
+def _check_pages(problems, table, lengths, S_new, page_size, num_pages):
+    """The pages each sequence uses exist, fit its block_table row, and no two sequences append into
+    one slot (sharing pages to read is fine). Vectorized: a paged cache of a large batch holds
+    hundreds of thousands of pages."""
+    needed = lengths + S_new
+    pages_needed = -(-needed // page_size)
+    over = numpy.flatnonzero(pages_needed > table.shape[1])
+    if over.size:
+        b = int(over[0])
+        problems.value(f"sequence {b} needs {needed[b]} keys (cache_seqlens[{b}] + S_new) but its block_table row "
+                       f"holds {table.shape[1]} pages of {page_size}")
+        return
+    in_use = numpy.arange(table.shape[1])[None, :] < pages_needed[:, None]
+    bad = numpy.flatnonzero((in_use & ((table < 0) | (table >= num_pages))).any(axis=1))
+    if bad.size:
+        b = int(bad[0])
+        problems.value(f"block_table[{b}] has page indices outside 0..{num_pages - 1} among the "
+                       f"{pages_needed[b]} pages in use")
+        return
+    if S_new == 0:
+        return
+    positions = lengths[:, None] + numpy.arange(S_new)[None, :]  # (B, S_new) positions appended to
+    pages = numpy.take_along_axis(table, positions // page_size, axis=1)
+    slots = (pages * page_size + positions % page_size).ravel()
+    unique, counts = numpy.unique(slots, return_counts=True)
+    if (counts > 1).any():
+        slot = unique[counts > 1][0]
+        writers = sorted({int(i) // S_new for i in numpy.flatnonzero(slots == slot)})
+        problems.value(f"sequences {writers[0]} and {writers[1]} both append into page {slot // page_size} "
+                       f"slot {slot % page_size}")
 
 
 def _check_int_vector_2d(problems, block_table, batch):
@@ -272,18 +294,6 @@ def _check_int_vector_2d(problems, block_table, batch):
         problems.value(f"block_table must have shape (B, max_pages_per_seq) with B = {batch}, got {tuple(block_table.shape)}")
         return None
     return _host(block_table).astype(numpy.int64)
-
-
-def _check_no_shared_writes(problems, pages, lengths, S_new, page_size):
-    """Two sequences appending into the same page slot would race; sharing pages to read is fine."""
-    written = {}
-    for b, used in enumerate(pages):
-        for t in range(int(lengths[b]), int(lengths[b]) + S_new):
-            slot = (used[t // page_size], t % page_size)
-            if slot in written:
-                problems.value(f"sequences {written[slot]} and {b} both append into page {slot[0]} slot {slot[1]}")
-                return
-            written[slot] = b
 
 
 def sequence_problem(base, segment, alibi, alignment):
@@ -354,7 +364,7 @@ def append_to_cache(k_cache, v_cache, k_new, v_new, plan):
             continue
         for t in range(S_new):
             position = start + t
-            page, slot = plan.pages[b][position // plan.page_size], position % plan.page_size
+            page, slot = int(plan.table[b, position // plan.page_size]), position % plan.page_size
             k_cache[page, slot] = k_new[b, t]
             v_cache[page, slot] = v_new[b, t]
 
@@ -364,5 +374,4 @@ def cache_keys(cache, plan, b):
     n = plan.seqlens_k[b]
     if plan.page_size == 0:
         return cache[b:b + 1, :n]
-    pages = numpy.asarray(plan.pages[b], dtype=numpy.int64)
-    return cache[pages].reshape((1, -1) + cache.shape[2:])[:, :n]
+    return cache[plan.pages(b, n)].reshape((1, -1) + cache.shape[2:])[:, :n]
