@@ -36,16 +36,20 @@ needs_nvrtc = pytest.mark.skipif(_NVRTC_MISSING is not None, reason=_NVRTC_MISSI
 
 
 def _cases(kind):
-    """(source, kernel, defines, arch): each family's instantiations of one kind ("fwd", "bwd") for
-    the architectures the family runs on."""
+    """(source, kernel, defines, arch): each family's instantiations of one kind ("fwd", "bwd",
+    "decode") for the architectures the family runs on."""
     return [(source, name, defines, arch)
             for family, archs in variants.FAMILY_ARCHS.items()
-            for source, name, defines in variants.instantiations(family) if _kind_of(source) == kind
+            for source, name, defines in variants.instantiations(family) if _kind_of(name) == kind
             for arch in archs]
 
 
-def _kind_of(source):
-    return "fwd" if source == variants.FWD_SOURCE else "bwd"
+def _kind_of(kernel_name):
+    """The forward kernels, the backward's (with their auxiliary kernels), and the decoding ones
+    (split-KV decode, its merge, the cache append)."""
+    if kernel_name.startswith("flash_fwd"):
+        return "fwd"
+    return "bwd" if kernel_name.startswith("flash_bwd") else "decode"
 
 
 def _compile(case):
@@ -58,7 +62,7 @@ def _compile(case):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("kind", ["fwd", "bwd"], ids=["forward", "backward"])
+@pytest.mark.parametrize("kind", ["fwd", "bwd", "decode"], ids=["forward", "backward", "decode"])
 def test_every_instantiation_compiles_without_spills(kind):
     cases = _cases(kind)
     assert cases, "the launcher lists no instantiation"

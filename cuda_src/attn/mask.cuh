@@ -41,6 +41,15 @@ struct Mask {
     __device__ __forceinline__ i64 first_query(i64 j) const { return j - offset - right; }
     __device__ __forceinline__ i64 last_query(i64 j) const { return j - offset + left; }
 
+    // The queries [lo, hi) that see at least one key. Visibility is a band, so the others (the fully
+    // masked rows of the contract: out = 0, LSE = -inf, no gradient in or out) are a prefix and a
+    // suffix of the rows; the backward loads their Q and dO as zeros so that nothing they hold
+    // (a NaN in a row that sees no key) reaches dK and dV through a product with P = 0.
+    __device__ __forceinline__ void live_queries(int& lo, int& hi) const {
+        lo = static_cast<int>(min64(seqlen_q, max64(0, first_query(0))));
+        hi = seqlen_k > 0 ? static_cast<int>(max64(lo, min64(seqlen_q, last_query(seqlen_k - 1) + 1))) : lo;
+    }
+
     // Tiles of BlockN keys that queries [i0, i1) need (i1 <= Sq).
     template <int BlockN>
     __device__ __forceinline__ TileRange key_tiles(int i0, int i1) const {

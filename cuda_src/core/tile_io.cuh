@@ -27,8 +27,8 @@ struct PaddedRows {
 };
 
 // Loads rows [row0, row0 + Rows) x cols [0, Dim) of a (seq, dim) view with ElemBytes-byte
-// elements into a shared-memory tile laid out by Layout; rows >= nrows and cols >= ncols become 0,
-// which keeps tails out of every product. Threads threads share the copy: thread tid copies the
+// elements into a shared-memory tile laid out by Layout; rows outside [row_lo, nrows) and cols >=
+// ncols become 0, which keeps tails (and the backward's fully masked rows) out of every product. Threads threads share the copy: thread tid copies the
 // 16-byte chunk tid % RowChunks of rows tid / RowChunks + p * RowsPerPass, so its column is fixed
 // and each pass only advances one pointer by a fixed row step (threads past RowsPerPass * RowChunks
 // idle when a row's chunks do not divide the CTA).
@@ -37,7 +37,8 @@ struct PaddedRows {
 // ElemUnroll passes at a time: unrolled further, their loads and 64-bit addresses are all live at
 // once and cost registers the accumulators need.
 template <int Rows, int Dim, int ElemBytes, int Threads, typename Layout, bool Vec, int ElemUnroll = 1>
-__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, int tid) {
+__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, int tid,
+                                          int row_lo = 0) {
     constexpr int kChunkElems = 16 / ElemBytes;
     constexpr int kRowChunks = Dim / kChunkElems;
     constexpr int kRowsPerPass = Threads / kRowChunks;
@@ -55,7 +56,8 @@ __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, i
         const int rr = r + p * kRowsPerPass;
         if (kPasses * kRowsPerPass == Rows || rr < Rows) {
             const u32 dst = smem + Layout::offset(rr, chunk);
-            const int valid = row0 + rr < nrows ? cols : 0;
+            // One unsigned compare tests row_lo <= row < nrows.
+            const int valid = static_cast<unsigned>(row0 + rr - row_lo) < static_cast<unsigned>(nrows - row_lo) ? cols : 0;
             if constexpr (Vec) {
                 cp_async_16(dst, valid > 0 ? src : t.base, valid * ElemBytes);
             } else {
@@ -88,9 +90,10 @@ __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, i
 
 // The same with the path chosen at run time (kernels whose layouts are checked per call).
 template <int Rows, int Dim, int ElemBytes, int Threads, typename Layout>
-__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
-    if (vec) load_tile<Rows, Dim, ElemBytes, Threads, Layout, true>(smem, t, row0, nrows, ncols, tid);
-    else load_tile<Rows, Dim, ElemBytes, Threads, Layout, false>(smem, t, row0, nrows, ncols, tid);
+__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid,
+                                          int row_lo = 0) {
+    if (vec) load_tile<Rows, Dim, ElemBytes, Threads, Layout, true>(smem, t, row0, nrows, ncols, tid, row_lo);
+    else load_tile<Rows, Dim, ElemBytes, Threads, Layout, false>(smem, t, row0, nrows, ncols, tid, row_lo);
 }
 
 // L2 and D of one query tile of Rows rows (float, or double in the float64 kernels): both buffers are

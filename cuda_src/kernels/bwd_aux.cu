@@ -5,8 +5,8 @@
 //                         never NaN, so such rows pass on no gradient.
 //   flash_bwd_convert     out = scale * sum over `splits` accumulator-type partials, in the output dtype and
 //                         layout: the dQ workspace of the atomic path (padded rows and columns are
-//                         skipped), and the GQA partial sums of dK/dV (added in split order, so the
-//                         result is deterministic).
+//                         skipped, rows that see no key written as 0), and the GQA partial sums of
+//                         dK/dV (added in split order, so the result is deterministic).
 // DTYPE (core/elem.cuh) is the dtype of out, dO and the converted output.
 #include "../core/elem.cuh"
 #include "../core/params.cuh"
@@ -46,17 +46,20 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __g
     for (int m = 16; m >= 1; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
     if (lane == 0) {
         p.l2[row] = l2_row;
-        p.dsum[row] = i < f.seqlen_q ? sum : Accum(0);
+        // A row that sees no key gets D = 0 whatever its dO holds: a NaN there must not reach dS.
+        p.dsum[row] = i < f.seqlen_q && l2_row != M::inf() ? sum : Accum(0);
     }
 }
 
 // One warp per row (b, h, s) of the workspace, lanes along c, so the float32 reads coalesce and
 // the index arithmetic is paid once per row: dst[b, s, h, c] = scale * sum_split
 // src[split * split_stride + (b * H + h) * src_sh + s * src_ss + c] for c < dim.
+// With l2 (the dQ workspace's rows, l2[(b * H + h) * l2_sh + s]), rows whose L2 is +inf (they see
+// no key) are written as 0: their dS is 0, but 0 times a NaN in K would not be.
 extern "C" __global__ void __launch_bounds__(256)
 flash_bwd_convert(const Accum* __restrict__ src, i64 split_stride, i64 src_sh, i64 src_ss, int splits,
                   void* __restrict__ dst, i64 d_sb, i64 d_ss, i64 d_sh, i64 d_sd, int heads, int seqlen, int dim,
-                  Accum scale, i64 rows) {
+                  Accum scale, i64 rows, const Accum* __restrict__ l2, i64 l2_sh) {
     const int lane = threadIdx.x & 31;
     const i64 warps = static_cast<i64>(gridDim.x) * (blockDim.x >> 5);
     for (i64 row = static_cast<i64>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows;
@@ -68,10 +71,11 @@ flash_bwd_convert(const Accum* __restrict__ src, i64 split_stride, i64 src_sh, i
         const Accum* p = src + bh * src_sh + static_cast<i64>(s) * src_ss;
         char* const q =
             static_cast<char*>(dst) + (b * d_sb + static_cast<i64>(s) * d_ss + static_cast<i64>(h) * d_sh) * kElemBytes;
+        const bool no_key = l2 != nullptr && l2[bh * l2_sh + s] == M::inf();
         for (int c = lane; c < dim; c += 32) {
             Accum acc = Accum(0);
             for (int sp = 0; sp < splits; ++sp) acc += p[sp * split_stride + c];
-            store_elem(q + static_cast<i64>(c) * d_sd * kElemBytes, scale * acc);
+            store_elem(q + static_cast<i64>(c) * d_sd * kElemBytes, no_key ? Accum(0) : scale * acc);
         }
     }
 }

@@ -36,7 +36,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
         load_query_step<kStream, kThreads, 8>(
             p, b, x, s_base + kOffStreamA + stage * kStreamTileBytes, s_base + kOffStreamB + stage * kStreamTileBytes,
             s_base + kOffL2 + stage * kVecBytes, s_base + kOffD + stage * kVecBytes, tid,
-            [&](u32 smem, const Tensor& t, int row0, int ncols) { load_tile<kStream>(smem, t, row0, seqlen_q, ncols, vec, tid); });
+            [&](u32 smem, const Tensor& t, int row0, int ncols) {
+                // Rows that see no key load as zeros (attn/mask.cuh, live_queries); the bounds are
+                // recomputed from the parameters here rather than held in registers across the loop.
+                int live_lo, live_hi;
+                Mask::of(f).live_queries(live_lo, live_hi);
+                load_tile<kStream>(smem, t, row0, live_hi, ncols, vec, tid, live_lo);
+            });
     };
 
     load_tile<kOwn>(sK, tk, key0, seqlen_k, head_dim, vec, tid);

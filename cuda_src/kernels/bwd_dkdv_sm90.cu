@@ -88,8 +88,9 @@ static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KiB an sm
 static_assert(kSmemBytes == SMEM_BYTES, "the launcher's shared memory (SMEM_BYTES, from variants.py) must match this layout");
 
 template <int ROWS>
-__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
-    cuflash::load_tile<ROWS, kHeadDim, 2, kThreads, wg::Swizzle128<ROWS>>(smem, t, row0, nrows, ncols, vec, tid);
+__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid,
+                                          int row_lo = 0) {
+    cuflash::load_tile<ROWS, kHeadDim, 2, kThreads, wg::Swizzle128<ROWS>>(smem, t, row0, nrows, ncols, vec, tid, row_lo);
 }
 
 template <int NT>
@@ -168,7 +169,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
         load_query_step<kM, kThreads, 2>(
             p, b, x, s_base + kOffQ + stage * kQueryTileBytes, s_base + kOffDO + stage * kQueryTileBytes,
             s_base + kOffL2 + stage * kVecBytes, s_base + kOffD + stage * kVecBytes, tid,
-            [&](u32 smem, const Tensor& t, int row0, int ncols) { load_tile<kM>(smem, t, row0, seqlen_q, ncols, vec, tid); });
+            [&](u32 smem, const Tensor& t, int row0, int ncols) {
+                // Rows that see no key load as zeros (attn/mask.cuh, live_queries); the bounds are
+                // recomputed from the parameters here rather than held in registers across the loop.
+                int live_lo, live_hi;
+                Mask::of(f).live_queries(live_lo, live_hi);
+                load_tile<kM>(smem, t, row0, live_hi, ncols, vec, tid, live_lo);
+            });
     };
 
     load_tile<kN>(s_base, tk, key0, seqlen_k, head_dim, vec, tid);

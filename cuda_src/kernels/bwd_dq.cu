@@ -113,6 +113,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dq(
         product_regs_by_tile(acc_dq, dS, sKt + acc_col0 * kElemBytes, lane);
     }
     cp_async_wait<0>();
+    // Rows that see no key (L2 = +inf) get dQ = 0 whatever they or K hold: their dS is 0, but 0
+    // times a NaN would not be.
+#pragma unroll
+    for (int ct = 0; ct < kAccTiles; ++ct)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (l2_row[e >> 1] == Num<float>::inf()) acc_dq[ct][e] = 0.f;
 
     char* const dq_base = static_cast<char*>(p.dq) + (b * p.dq_st.b + h * p.dq_st.h) * kElemBytes;
     store_acc<Elem>(acc_dq, f.scale, dq_base, p.dq_st.s, p.dq_st.d, row0 + rg * 16, seqlen_q, acc_col0, head_dim, false, lane);

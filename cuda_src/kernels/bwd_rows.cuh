@@ -119,8 +119,9 @@ static_assert((kRowBytes / 4) % 32 == 4 || (kRowBytes / 4) % 32 == 20 || (kRowBy
               "row stride must keep ldmatrix/tf32 fragment rows on distinct bank groups");
 
 template <int ROWS>
-__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
-    cuflash::load_tile<ROWS, kHeadDim, kElemBytes, kThreads, PaddedRows<kRowBytes>>(smem, t, row0, nrows, ncols, vec, tid);
+__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid,
+                                          int row_lo = 0) {
+    cuflash::load_tile<ROWS, kHeadDim, kElemBytes, kThreads, PaddedRows<kRowBytes>>(smem, t, row0, nrows, ncols, vec, tid, row_lo);
 }
 
 // SPLIT_STREAM: rewrites a streamed tile as its big tf32 plane and writes the small plane

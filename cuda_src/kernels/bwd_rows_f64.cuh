@@ -89,8 +89,9 @@ using Mod = ScoreModOf<double>;
 using Params = BwdParamsOf<double>;
 
 template <int ROWS>
-__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid) {
-    cuflash::load_tile<ROWS, kHeadDim, 8, kThreads, PaddedRows<kRowBytes>>(smem, t, row0, nrows, ncols, vec, tid);
+__device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, bool vec, int tid,
+                                          int row_lo = 0) {
+    cuflash::load_tile<ROWS, kHeadDim, 8, kThreads, PaddedRows<kRowBytes>>(smem, t, row0, nrows, ncols, vec, tid, row_lo);
 }
 
 // acc = A_w B^T over all HEAD_DIM columns: the 16 rows of A_w (this warp's owned rows) by the

@@ -233,20 +233,25 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Pa
     }
     cp_async_wait<0>();
 
-    // Finalize: O_i = acc / l_i, LSE_i = ln 2 * (m_i + log2 l_i); a row with l_i = 0 saw no key. The
-    // SPLIT_D warps of a row group hold the same m_i, l_i; the first writes the LSE.
+    // Finalize: O_i = acc / l_i, LSE_i = ln 2 * (m_i + log2 l_i). A row that sees no key (outside
+    // the mask's live queries) writes O = 0 whatever V holds (its P is 0, but 0 times a NaN would not
+    // be); a row that does see keys keeps the arithmetic, 0/0 = NaN included when every logit it
+    // sees is -inf. The SPLIT_D warps of a row group hold the same m_i, l_i; the first writes the LSE.
+    int live_lo, live_hi;
+    mask.live_queries(live_lo, live_hi);
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const double l = Num<double>::quad_sum(state.l[mt][hh]);
-            const double inv_l = l > 0.0 ? 1.0 / l : 0.0;
+            const int row = row0 + rg * kWarpRows + mt * 16 + g + hh * 8;
+            const bool no_key = row < live_lo || row >= live_hi;
+            const double inv_l = 1.0 / l;
 #pragma unroll
             for (int dt = 0; dt < kDTiles; ++dt) {
-                acc_o[mt][dt][2 * hh] *= inv_l;
-                acc_o[mt][dt][2 * hh + 1] *= inv_l;
+                acc_o[mt][dt][2 * hh] = no_key ? 0.0 : acc_o[mt][dt][2 * hh] * inv_l;
+                acc_o[mt][dt][2 * hh + 1] = no_key ? 0.0 : acc_o[mt][dt][2 * hh + 1] * inv_l;
             }
-            const int row = row0 + rg * kWarpRows + mt * 16 + g + hh * 8;
             if (ds == 0 && t == 0 && row < p.seqlen_q) {
                 const double val =
                     l > 0.0 ? 0.6931471805599453 * (state.m[mt][hh] + Num<double>::log2(l)) : Num<double>::neg_inf();

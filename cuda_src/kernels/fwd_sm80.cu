@@ -493,15 +493,25 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
     // Q_i planes, which every warp is done with here.
     __syncthreads();
 
-    // Finalize: O_i = acc / l_i, LSE_i = ln 2 * (m_i + log2 l_i); a row with l_i = 0 saw no key.
+    // Finalize: O_i = acc / l_i, LSE_i = ln 2 * (m_i + log2 l_i). A row that sees no key (outside
+    // the mask's live queries) writes O = 0 whatever V holds (its P is 0, but 0 times a NaN would not
+    // be); a row that does see keys keeps the arithmetic, 0/0 = NaN included when every logit it
+    // sees is -inf.
+    int live_lo, live_hi;
+    Mask::of(p).live_queries(live_lo, live_hi);
     float inv_l[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const float l = quad_sum(state.l[mt][hh]);
-            inv_l[mt][hh] = l > 0.f ? 1.f / l : 0.f;
             const int row = row0 + warp * kWarpRows + mt * 16 + g + hh * 8;
+            inv_l[mt][hh] = 1.f / l;
+            if (row < live_lo || row >= live_hi) {  // selects on the accumulators: no registers kept
+#pragma unroll
+                for (int dt = 0; dt < kDTiles; ++dt) acc_o[mt][dt][2 * hh] = acc_o[mt][dt][2 * hh + 1] = 0.f;
+                inv_l[mt][hh] = 0.f;
+            }
             if (t == 0 && row < p.seqlen_q) {
                 const float val = l > 0.f ? 0.6931471805599453f * (state.m[mt][hh] + log2_approx(l)) : neg_inf();
                 p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] = val;

@@ -23,7 +23,6 @@ import numpy
 
 from .._errors import BackendUnavailableError
 from . import params, runtime, variants
-from .runtime import vector_loadable
 
 _MAX_GRID_X = 2**31 - 1
 # L2 and D rows are padded to this, so streamed tiles (which divide it) read them without bounds.
@@ -79,13 +78,18 @@ def flash_backward(dout, q, k, v, out, lse, slopes, dq, dk, dv, problem, determi
     key = (problem, bool(deterministic), entry, q.device.id, family, lse.strides,
            *(runtime.layout_key(x) for x in arrays))
     plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) > _MAX_PLANS:
-            _plans.clear()
-        plan = _plans[key] = _BackwardPlan(problem, deterministic, entry, *arrays, lse)
-    if plan.empty:
-        return
     with cupy.cuda.Device(q.device.id):
+        if plan is None:
+            if len(_plans) > _MAX_PLANS:
+                _plans.clear()
+            copies = runtime.vector_copies(dout, q, k, v)
+            dout, q, k, v = runtime.with_copies((dout, q, k, v), copies)
+            plan = _plans[key] = _BackwardPlan(problem, deterministic, entry, copies, dout, q, k, v, out, dq, dk, dv,
+                                               lse)
+        else:
+            dout, q, k, v = runtime.with_copies((dout, q, k, v), plan.copies)
+        if plan.empty:
+            return
         plan.run(dout, q, k, v, out, lse, None if slopes is None else cupy.ascontiguousarray(slopes), dq, dk, dv)
 
 
@@ -96,8 +100,12 @@ _MAX_PLANS = 4096
 class _BackwardPlan:
     """Every decision of one backward call that does not depend on the data pointers."""
 
-    def __init__(self, problem, deterministic, entry, dout, q, k, v, out, dq, dk, dv, lse):
+    def __init__(self, problem, deterministic, entry, copies, dout, q, k, v, out, dq, dk, dv, lse):
+        """``copies``: which of dout, q, k, v each call copies first (``runtime.vector_copies``);
+        the arrays given here are those copies."""
         import cupy
+
+        self.copies = copies
 
         name = numpy.dtype(problem.dtype).name
         if name not in variants.DTYPE_CODES:
@@ -117,7 +125,7 @@ class _BackwardPlan:
             entry = entry or chosen
             elem = numpy.dtype(problem.dtype).itemsize
             self.sm_count = _device_attribute(q.device.id, "MultiProcessorCount")
-            vec_in = all(vector_loadable(x) for x in (q, k, v, dout))
+            vec_in = runtime.vector_rows(q, k, v, dout)  # by shape: operands whose layout cannot were copied
             fwd = params.forward(problem, q, k, v, out, lse, None, 0, False)
             self.sq_pad = sq_pad = math.ceil(Sq / _ROW_PAD) * _ROW_PAD
             self.bucket = bucket
@@ -196,13 +204,13 @@ class _BackwardPlan:
             _convert(self.name, dv_out, self.splits, Sk * Dv, Dv, dv, Hkv, Sk, Dv, 1.0, self.sm_count)
         if self.dq_atomic:
             _convert(self.name, dq_accum, 1, self.sq_pad * self.bucket, self.bucket, dq, Hq, Sq, D, p.scale,
-                     self.sm_count)
+                     self.sm_count, l2)
 
 
-def _convert(dtype_name, src, splits, src_sh, src_ss, dst, heads, seqlen, dim, scale, sm_count):
+def _convert(dtype_name, src, splits, src_sh, src_ss, dst, heads, seqlen, dim, scale, sm_count, l2=None):
     """dst (B, S, H, dim), any strides = scale · Σ_split src[split]; src in the accumulator type
     (float32, float64 for float64), each split (B, H, S, ≥dim) with ``src_sh`` elements per head and
-    ``src_ss`` per row."""
+    ``src_ss`` per row. With ``l2`` (B, H, S_pad), rows whose L2 is +inf (no visible key) get 0."""
     rows = dst.size // dim if dim else 0
     if rows == 0:
         return
@@ -212,4 +220,5 @@ def _convert(dtype_name, src, splits, src_sh, src_ss, dst, heads, seqlen, dim, s
     i32, i64 = numpy.int32, numpy.int64
     runtime.launch(kernel, (blocks, 1, 1), (256, 1, 1), (
         src, i64(split_stride), i64(src_sh), i64(src_ss), i32(splits), dst, *runtime.element_strides(dst),
-        i32(heads), i32(seqlen), i32(dim), src.dtype.type(scale), i64(rows)))
+        i32(heads), i32(seqlen), i32(dim), src.dtype.type(scale), i64(rows),
+        numpy.uint64(0) if l2 is None else l2, i64(0 if l2 is None else l2.shape[-1])))  # a null pointer: no rows zeroed

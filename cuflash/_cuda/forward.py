@@ -52,14 +52,19 @@ def flash_forward(q, k, v, slopes, out, lse, problem, tile=None):
     family = variants.family(*runtime.compute_capability(q.device.id))
     key = (problem, tile, q.device.id, family, runtime.layout_key(q), runtime.layout_key(k), runtime.layout_key(v),
            runtime.layout_key(out), lse.strides)
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) > _MAX_PLANS:
-            _plans.clear()
-        plan = _plans[key] = _plan(q, k, v, out, lse, problem, tile)
-    if plan is None:
-        return
+    planned = _plans.get(key)
     with cupy.cuda.Device(q.device.id):
+        if planned is None:
+            if len(_plans) > _MAX_PLANS:
+                _plans.clear()
+            copies = runtime.vector_copies(q, k, v)
+            q, k, v = runtime.with_copies((q, k, v), copies)
+            planned = _plans[key] = (copies, _plan(q, k, v, out, lse, problem, tile))
+        else:
+            q, k, v = runtime.with_copies((q, k, v), planned[0])
+        plan = planned[1]
+        if plan is None:
+            return
         if slopes is not None:
             slopes = cupy.ascontiguousarray(slopes)
         plan.launch(params.pointer(q), params.pointer(k), params.pointer(v), params.pointer(out),
@@ -85,7 +90,7 @@ def _plan(q, k, v, out, lse, problem, tile):
         raise ValueError(f"seqlen_q {Sq} / seqlen_k {Sk}: the CUDA forward takes sequences up to {MAX_SEQLEN}")
     with cupy.cuda.Device(q.device.id):
         name = numpy.dtype(problem.dtype).name
-        vec_load = vector_loadable(q) and vector_loadable(k) and vector_loadable(v)
+        vec_load = runtime.vector_rows(q, k, v)  # by shape: operands whose layout cannot were copied
         chosen, bucket, _ = choose_tile(problem, vec_load, q.device.id)
         tile = tile or chosen
         defines = variants.fwd_defines(tile, bucket, name, vec_load, variants.score_mods(problem))

@@ -168,6 +168,28 @@ def vector_loadable(x):
     return x.shape[-1] == 1 or x.strides[-1] == x.itemsize
 
 
+def vector_rows(*arrays):
+    """Whether rows of these arrays' shapes can move in 16-byte vectors (every last dimension a
+    whole number of 16-byte chunks). The kernels' load path is chosen by this, never by the
+    layout, so that one shape always runs the same kernel and gives the same bits."""
+    return all(x.shape[-1] * x.itemsize % 16 == 0 for x in arrays)
+
+
+def vector_copies(*arrays):
+    """For each array, whether it must be copied to a contiguous one before a kernel that loads it
+    in 16-byte vectors can read it (a strided last dimension, a misaligned view): the copy gives
+    the vector path, and so the same bits, as any other layout of the shape."""
+    vec = vector_rows(*arrays)
+    return tuple(vec and not vector_loadable(x) for x in arrays)
+
+
+def with_copies(arrays, copies):
+    """``arrays`` with the ones ``copies`` marks replaced by contiguous copies (on the current stream)."""
+    import cupy
+
+    return [cupy.ascontiguousarray(x) if copy else x for x, copy in zip(arrays, copies)]
+
+
 def element_strides(x):
     """The strides of a CuPy array in elements (CuPy gives bytes), as the kernels' int64 arguments."""
     import numpy

@@ -205,8 +205,6 @@ FWD_SPILL_TILES = {
     ('sm80', 'float32', 192, 2, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=152, split_q=False),
     ('sm80', 'float32', 192, 3, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=144, split_q=False),
     ('sm80', 'float32', 192, 3, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=152, split_q=False),
-    ('sm80', 'float32', 256, 2, True): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=176, split_q=False),
-    ('sm80', 'float32', 256, 3, True): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=176, split_q=False),
 }
 
 _F64 = F64FwdTile

@@ -2,8 +2,9 @@
 
 A probe kernel asks ``Mask`` every question the kernels ask — which key tiles a query tile needs,
 which query tiles a key tile needs, whether a tile pair needs element masking, and each row's
-visible columns (both orientations, and the forward's per-CTA ``RowBand``) — on awkward sizes,
-offsets and windows; every answer is checked against ``MaskSpec`` and its brute-force matrix.
+visible columns (both orientations, and the forward's per-CTA ``RowBand``), and which rows see
+any key at all — on awkward sizes, offsets and windows; every answer is checked against
+``MaskSpec`` and its brute-force matrix.
 """
 
 import itertools
@@ -33,12 +34,13 @@ extern "C" __global__ void probe(const long long* spec, int n_qt, int n_kt, int*
     const Mask m{spec[2], spec[3], spec[4], static_cast<int>(spec[0]), static_cast<int>(spec[1])};
     const int i0 = qt * 16, i1 = i0 + 16 < m.seqlen_q ? i0 + 16 : m.seqlen_q;
     const int j0 = kt * 16, j1 = j0 + 16 < m.seqlen_k ? j0 + 16 : m.seqlen_k;
-    int* t = tiles + (qt * n_kt + kt) * 8;
+    int* t = tiles + (qt * n_kt + kt) * 9;
     const TileRange kr = m.key_tiles<16>(i0, i1), qr = m.query_tiles<16>(j0, j1);
     int lo, hi;
     m.keys_of_all(i0, i1, lo, hi);
     t[0] = kr.begin; t[1] = kr.end; t[2] = qr.begin; t[3] = qr.end;
-    t[4] = m.full(i0, i1, j0, j0 + 16); t[5] = lo; t[6] = hi; t[7] = 0;
+    t[4] = m.full(i0, i1, j0, j0 + 16); t[5] = lo; t[6] = hi;
+    m.live_queries(t[7], t[8]);
     int* r = rows + (qt * n_kt + kt) * 16 * 6;
     const Mask::RowBand band = m.row_band(i0);
     for (int d = 0; d < 16; ++d) {
@@ -78,7 +80,7 @@ def test_cuda_mask_agrees_with_maskspec(spec):
     side = lambda x: UNBOUNDED if x is None else x  # noqa: E731
     params = cupy.asarray([spec.seqlen_q, spec.seqlen_k, spec.offset, side(spec.left), side(spec.right)],
                           dtype=numpy.int64)
-    tiles = cupy.full((n_qt, n_kt, 8), -7, dtype=numpy.int32)
+    tiles = cupy.full((n_qt, n_kt, 9), -7, dtype=numpy.int32)
     rows = cupy.full((n_qt, n_kt, 16, 6), -7, dtype=numpy.int32)
     kernel((n_qt,), (n_kt,), (params, numpy.int32(n_qt), numpy.int32(n_kt), tiles, rows))
     tiles, rows = tiles.get(), rows.get()
@@ -98,6 +100,10 @@ def test_cuda_mask_agrees_with_maskspec(spec):
         assert bool(t[4]) == (j0 + TILE <= spec.seqlen_k and visible[i0:i1, j0:j0 + TILE].all()), where
         lo, hi = spec.keys_seen_by_all(i0, i1)
         assert (t[5], t[6]) == (lo, hi) or (t[6] <= t[5] and hi <= lo), where
+        # The live queries: exactly the rows that see some key.
+        live = numpy.zeros(spec.seqlen_q, bool)
+        live[t[7]:t[8]] = True
+        assert numpy.array_equal(live, spec.sees_any(numpy.arange(spec.seqlen_q))), where
         # Every key tile any query of the tile sees lies in the range, and none outside it is needed.
         seen_tiles = {j // TILE for j in numpy.nonzero(visible[i0:i1].any(axis=0))[0]}
         if seen_tiles:
