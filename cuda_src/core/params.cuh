@@ -124,4 +124,17 @@ struct AppendParams {
     int batch, seqlen_new, heads_kv, head_dim, head_dim_v, page_size;
 };
 
+// A tensor map (the driver's CUtensorMap): 128 opaque bytes, 64-byte aligned, encoded on the host by
+// cuTensorMapEncodeTiled (cuflash/_cuda/tensor_map.py) and read by TMA copies (core/tma.cuh).
+struct alignas(64) TensorMap {
+    unsigned long long bytes[16];
+};
+
+// The sm_90a forward (kernels/fwd_sm90.cu): the forward's problem, and tensor maps of q, k and v
+// as rank-4 tensors, innermost first (head dim, sequence, head, batch), with their strides.
+struct FwdSm90Params {
+    FwdParams fwd;
+    TensorMap q_map, k_map, v_map;
+};
+
 }  // namespace cuflash

@@ -12,6 +12,7 @@ import numpy
 
 from .._errors import BackendUnavailableError
 from . import params, runtime, variants
+from .forward_sm90 import flash_forward_sm90
 from .runtime import vector_loadable
 
 _MAX_GRID_X = 2**31 - 1
@@ -49,6 +50,9 @@ def flash_forward(q, k, v, slopes, out, lse, problem, tile=None):
     """
     import cupy
 
+    # The sm_90a kernel, where its development switch is on and it serves the call (forward_sm90.route).
+    if tile is None and flash_forward_sm90(q, k, v, slopes, out, lse, problem):
+        return
     family = variants.family(*runtime.compute_capability(q.device.id))
     key = (problem, tile, q.device.id, family, runtime.layout_key(q), runtime.layout_key(k), runtime.layout_key(v),
            runtime.layout_key(out), lse.strides)

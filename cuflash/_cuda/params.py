@@ -250,3 +250,33 @@ def append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, page_size
     p["batch"], p["seqlen_new"], p["heads_kv"] = k_new.shape[0], k_new.shape[1], k_new.shape[2]
     p["head_dim"], p["head_dim_v"], p["page_size"] = k_new.shape[3], v_new.shape[3], page_size
     return p[()]
+
+
+# The sm_90a forward (kernels/fwd_sm90.cu): FwdSm90Params of params.cuh, the FwdParams and the
+# tensor maps of q, k and v (128 opaque bytes each from cuTensorMapEncodeTiled, 64-byte aligned as
+# the driver requires; the C++ struct's alignas(64) puts them at the same offsets).
+
+TENSOR_MAP_BYTES = 128
+_TENSOR_MAP_ALIGN = 64
+_MAPS_AT = -(-FWD.itemsize // _TENSOR_MAP_ALIGN) * _TENSOR_MAP_ALIGN
+FWD_SM90_MAPS = ("q_map", "k_map", "v_map")
+FWD_SM90 = numpy.dtype({
+    "names": ["fwd", *FWD_SM90_MAPS],
+    "formats": [FWD] + [(numpy.uint8, TENSOR_MAP_BYTES)] * len(FWD_SM90_MAPS),
+    "offsets": [0] + [_MAPS_AT + i * TENSOR_MAP_BYTES for i in range(len(FWD_SM90_MAPS))],
+    "itemsize": _MAPS_AT + len(FWD_SM90_MAPS) * TENSOR_MAP_BYTES,
+})
+_C_NAMES[FWD_SM90] = "cuflash::FwdSm90Params"
+FWD_SM90_POINTERS = tuple(f"fwd.{name}" for name in FWD_POINTERS)
+
+
+def forward_sm90(fwd):
+    """The FwdSm90Params around a forward's FwdParams record; the maps are filled per call."""
+    p = numpy.zeros((), FWD_SM90)
+    p["fwd"] = fwd
+    return p[()]
+
+
+def map_offsets():
+    """Byte offsets of the q, k and v tensor maps in a FWD_SM90 record."""
+    return tuple(FWD_SM90.fields[name][1] for name in FWD_SM90_MAPS)

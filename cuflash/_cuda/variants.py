@@ -548,6 +548,69 @@ def aux_defines(dtype_name):
 
 
 # ---------------------------------------------------------------------------------------------
+# Forward on sm_90a: kernels/fwd_sm90.cu (TMA copies, a producer warpgroup and two consumer
+# warpgroups running wgmma; 16-bit). A CTA owns block_m = 128 queries, 64 per consumer, and streams
+# key tiles of block_n through a ring of `stages` shared-memory slots. Opt-in until it has been
+# verified on hardware: forward_sm90.py runs it only with CUFLASH_SM90_FORWARD=1. What it does not
+# serve runs fwd_sm80.cu: float32 and float64, max(D, Dv) > 128, Sk = 0, ragged batches, and layouts
+# a tensor map cannot describe (forward_sm90.tma_layout_reason: q, k, v bases and strides 16-byte
+# aligned, unit head-dim stride).
+# ---------------------------------------------------------------------------------------------
+
+FWD_SM90_SOURCE = "kernels/fwd_sm90.cu"
+FWD_SM90_KERNEL = "flash_fwd_sm90"
+FWD_SM90_FEATURES = FEATURES
+
+
+@dataclass(frozen=True)
+class Sm90FwdTile:
+    """``fwd_sm90.cu``'s tile: block_m queries (one consumer warpgroup per 64), block_n keys per
+    streamed tile, ``stages`` slots of the K_j/V_j ring."""
+
+    block_m: int
+    block_n: int
+    stages: int
+
+    @property
+    def threads(self):
+        """The producer warpgroup and one consumer warpgroup per 64 queries."""
+        return 128 * (1 + self.block_m // 64)
+
+    def smem_bytes(self, bucket, elem_bytes=2):
+        """``kSmemBytes`` of fwd_sm90.cu: Q_i and ``stages`` K_j and V_j tiles of unpadded
+        (swizzled) rows, and 1024 bytes to align the base for the 128-byte swizzle."""
+        return (self.block_m + 2 * self.stages * self.block_n) * bucket * elem_bytes + 1024
+
+
+# FlashAttention-3 runs 128 x 128 tiles for causal d = 128 and 128 x 176 otherwise; 128 x 128 with
+# two slots is the first, simple point (164 KiB at d = 128): tuning comes with the GPU runs.
+FWD_SM90_TILES = {64: Sm90FwdTile(128, 128, 2), 128: Sm90FwdTile(128, 128, 2)}
+
+
+def fwd_sm90_tile(dtype_name, head_dim, head_dim_v):
+    """``(tile, bucket)`` of the sm_90a forward, or None when it does not serve these dtype and head dims."""
+    if kind(dtype_name) != "16bit" or max(head_dim, head_dim_v) > max(FWD_SM90_TILES):
+        return None
+    bucket = head_dim_bucket(head_dim, head_dim_v, FWD_SM90_TILES)
+    return FWD_SM90_TILES[bucket], bucket
+
+
+def fwd_sm90_defines(tile, bucket, dtype_name, mods):
+    """The ``#define`` block of one sm_90a forward instantiation."""
+    return {"HEAD_DIM": bucket, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "STAGES": tile.stages,
+            "DTYPE": DTYPE_CODES[dtype_name], "SCORE_MODS": mods,
+            "SMEM_BYTES": tile.smem_bytes(bucket, elem_bytes(dtype_name))}
+
+
+def fwd_sm90_instantiations(fam=None):
+    """Every sm_90a forward instantiation (none unless ``fam`` is "sm90" or None)."""
+    if fam not in (None, "sm90"):
+        return []
+    return [(FWD_SM90_SOURCE, FWD_SM90_KERNEL, fwd_sm90_defines(tile, bucket, name, mods))
+            for bucket, tile in FWD_SM90_TILES.items() for name in dtypes_of("16bit") for mods in SCORE_MOD_SETS]
+
+
+# ---------------------------------------------------------------------------------------------
 # Everything that can be compiled, for the compile gate.
 # ---------------------------------------------------------------------------------------------
 
@@ -587,6 +650,8 @@ def instantiations(fam=None):
         add((AUX_SOURCE, PREPROCESS_KERNEL, aux_defines(name)))
         add((AUX_SOURCE, CONVERT_KERNEL, aux_defines(name)))
     for entry in decode_instantiations(fam):
+        add(entry)
+    for entry in fwd_sm90_instantiations(fam):
         add(entry)
     return seen
 
