@@ -31,7 +31,7 @@ sys.exit(1 if compile_all(variants.fwd_sm90_instantiations("sm90")) else 0)
 PY
 
 echo "== 2. tests"
-timeout 1800 $python -m pytest -q -p no:cacheprovider -x tests/gpu/test_fwd_sm90.py 2>&1 \
+timeout 1800 $python -m pytest -q -p no:cacheprovider --maxfail=25 tests/gpu/test_fwd_sm90.py 2>&1 \
     | tee "$out/sm90_tests.log" | tail -15 || status=1
 CUFLASH_SM90_FORWARD=1 timeout 1800 $python -m pytest -q -p no:cacheprovider tests/gpu/test_forward.py \
     tests/gpu/test_features.py 2>&1 | tee "$out/sm90_forward_tests_switch_on.log" | tail -15 || status=1
