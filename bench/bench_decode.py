@@ -28,12 +28,13 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_attention import median_ms  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 ELEM = 2  # bf16
@@ -63,27 +64,6 @@ def shapes(args):
 
 def copies(batch, seqlen_k):
     return max(1, math.ceil(ROTATE_BYTES / kv_bytes(batch, seqlen_k)))
-
-
-def median_ms(fn, warmup=5, iters=30, budget_s=3.0):
-    """Median time of ``fn()`` with CUDA events on the current stream."""
-    import cupy as cp
-
-    for _ in range(warmup):
-        fn()
-    cp.cuda.Device().synchronize()
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
-        if time.perf_counter() - t0 > budget_s and len(times) >= 5:
-            break
-    return float(np.median(times))
 
 
 def rotating(calls):

@@ -24,32 +24,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cuflash  # noqa: E402
+from bench_attention import median_ms  # noqa: E402
 
 
 def flops(h, n, d, causal, mode):
     f = 4.0 * h * n * n * d * (0.5 if causal else 1.0)
     return f * (2.5 if mode == "bwd" else 1.0)
-
-
-def median_ms(fn, warmup=2, reps=None, budget_ms=3000.0):
-    """Median milliseconds of ``fn`` over CUDA events; the number of repetitions fits ``budget_ms``."""
-    for _ in range(warmup):
-        fn()
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
-    fn()
-    stop.record()
-    stop.synchronize()
-    once = cp.cuda.get_elapsed_time(start, stop)
-    reps = reps or max(3, min(20, int(budget_ms / max(once, 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
 
 
 def naive_forward(q, k, v, causal, scale):

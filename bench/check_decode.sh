@@ -14,12 +14,7 @@
 #    beside SDPA cuDNN/flash and the dense kernel; pages of 16, 64, 256).
 # Exits non-zero if a compile, a test or a sanitizer check fails (pipefail: a pipeline fails when
 # its first command does).
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-out=${OUT:-out}
-mkdir -p "$out"
-python=${PYTHON:-python3}
-status=0
+. "$(dirname "$0")/check_lib.sh"
 
 echo "== 1. compile the decode variants"
 $python - <<'PY' 2>&1 | tee "$out/decode_prewarm.log" | tail -6 || status=1

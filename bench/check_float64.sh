@@ -12,12 +12,7 @@
 #    naive CuPy float64).
 # Exits non-zero if a compile, a test or the memory check fails (pipefail: a pipeline fails when
 # its first command does).
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-out=${OUT:-out}
-mkdir -p "$out"
-python=${PYTHON:-python3}
-status=0
+. "$(dirname "$0")/check_lib.sh"
 
 echo "== 1. compile the float64 variants"
 $python - <<'PY' 2>&1 | tee "$out/f64_prewarm.log" | tail -6 || status=1

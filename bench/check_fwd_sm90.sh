@@ -12,12 +12,7 @@
 #    compute-sanitizer memcheck and racecheck (synccheck too),
 # 4. runs bench/bench_fwd_sm90.py (bf16/fp16, d = 64/128/256, N = 2k..16k, causal and not).
 # Exits non-zero if a compile, a test or a sanitizer run fails.
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-out=${OUT:-out}
-mkdir -p "$out"
-python=${PYTHON:-python3}
-status=0
+. "$(dirname "$0")/check_lib.sh"
 
 echo "== 1. compile the sm_90a forward variants"
 $python - <<'PY' 2>&1 | tee "$out/sm90_prewarm.log" | tail -6 || status=1

@@ -6,16 +6,12 @@
 #     bash bench/check_gpu.sh tests       # tests/gpu (all of it) and the CPU tests that touch the GPU path
 #     bash bench/check_gpu.sh sanitize    # compute-sanitizer memcheck, racecheck and synccheck sweeps
 #     bash bench/check_gpu.sh bench       # side by side with SDPA (flash, cuDNN) and FlexAttention
-#     bash bench/check_gpu.sh new         # float64, decode, accuracy and model-step benchmarks
+#     bash bench/check_gpu.sh new         # float32 accuracy over long sequences; the model training step
+#     bash bench/check_gpu.sh float64 decode sm90fwd   # each new kernel family's own check script
 #
 # Stages run in the order given (several may be named at once); the kernel cache that `compile`
 # fills is reused by the later ones. Exits non-zero when any stage fails.
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-out=${OUT:-out}
-mkdir -p "$out"
-python=${PYTHON:-python3}
-status=0
+. "$(dirname "$0")/check_lib.sh"
 
 run() {  # run NAME TIMEOUT COMMAND...: log to $out/NAME.log, show its tail, remember a failure
     local name=$1 limit=$2
@@ -55,11 +51,17 @@ for stage in "$@"; do
         ;;
     new)
         run bench_accuracy 200 $python bench/bench_accuracy.py --json "$out/accuracy.json"
-        run bench_float64 400 $python bench/bench_float64.py --json "$out/float64.json"
-        run bench_decode 400 $python bench/bench_decode.py --json "$out/decode.json"
+        run model_step 500 $python bench/bench_model_step.py --shapes 4x2048 --modes eager,graphs \
+            --json "$out/model_step.json"
+        ;;
+    float64 | decode)
+        bash bench/check_$stage.sh || status=1
+        ;;
+    sm90fwd)
+        bash bench/check_fwd_sm90.sh || status=1
         ;;
     *)
-        echo "unknown stage $stage (compile, tests, sanitize, bench, new)"
+        echo "unknown stage $stage (compile, tests, sanitize, bench, new, float64, decode, sm90fwd)"
         exit 2
         ;;
     esac
