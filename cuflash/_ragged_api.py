@@ -1,11 +1,15 @@
 """The public functions for ragged batches: packed sequences, padded lengths and key/value caches.
 
 ``_ragged`` checks the offsets and lengths and turns them into segments (one dense problem per
-sequence); here they are run and the results handed back in the caller's array type. In this
-version packed and padded calls run on the NumPy backend (GPU operands are copied to the host and
-back); ``backend="cuda"`` says so. Cache calls on GPU caches of float16 or bfloat16 run on the GPU
-(``_cuda/decode.py``: append, split-KV decode, merge), every other cache call on the NumPy backend
-(a GPU cache is then appended to on the GPU).
+sequence), all on the host and before any launch; here they are run and the results handed back in
+the caller's array type. Packed and padded calls on GPU operands (``backend="auto"``) run on the
+GPU kernels' ragged instantiations (``_cuda/forward.py``, ``_cuda/backward.py``: one launch per
+pass for the whole batch, each sequence's place and lengths read on the device);
+``backend="cuda"`` runs host operands there too (copied to the GPU and back). These GPU paths are
+compile-checked but not yet verified on hardware. Host operands with ``backend="auto"`` or
+``"numpy"`` run on the NumPy backend, one dense problem per sequence. Cache calls on GPU caches of
+float16 or bfloat16 run on the GPU (``_cuda/decode.py``: append, split-KV decode, merge), every
+other cache call on the NumPy backend (a GPU cache is then appended to on the GPU).
 """
 
 from typing import Any, Callable, Optional, Union
@@ -17,19 +21,43 @@ from ._errors import BackendUnavailableError
 from ._interop import export, import_operands
 from ._types import Alignment, Array, Backend, Window
 
-_NOT_ON_GPU = ("packed sequences and padded lengths run on the NumPy backend in this version; use "
-               "backend=\"auto\" or \"numpy\"")
-
 
 def _host(x):
     return x if x is None or isinstance(x, numpy.ndarray) else x.get()
 
 
-def _backend(backend, what):
-    """The NumPy backend for ragged calls: ``auto`` and ``numpy`` take it, ``cuda`` is refused
-    (bad values of ``backend`` are reported by the checks, with everything else)."""
-    if backend == "cuda":
-        raise BackendUnavailableError(f"backend='cuda' cannot run {what}: {_NOT_ON_GPU}")
+def _on_gpu(backend, origin, problem, what):
+    """Whether a packed or padded call runs on the GPU: ``auto`` for GPU operands, ``cuda`` always
+    (refused with the reason where the GPU backend cannot run it); ``numpy`` never. Called after
+    the checks (bad values of ``backend`` are reported by them, with everything else)."""
+    if backend == "numpy" or (backend == "auto" and not origin.on_gpu):
+        return False
+    reason = _dispatch.BACKENDS["cuda"].refusal(problem)
+    if reason is not None and backend == "cuda":
+        raise BackendUnavailableError(f"backend='cuda' cannot run {what}: {reason}")
+    return reason is None
+
+
+def _gpu_batch(base, segments, alignment, packed, slopes):
+    """The kernels' view of a checked ragged call: the base problem (with per-sequence ALiBi slopes
+    where given as (B, Hq)) and the ``Ragged`` descriptor (grid sized by the longest sequence)."""
+    import dataclasses
+
+    from ._cuda import params
+
+    if slopes is not None and slopes.ndim == 2:
+        base = dataclasses.replace(base, alibi="batch_head")
+    ragged = params.Ragged(batch=len(segments), max_seqlen_q=max((s.seqlen_q for s in segments), default=0),
+                           max_seqlen_k=max((s.seqlen_k for s in segments), default=0), packed=packed,
+                           bottom_right=alignment == "bottom_right")
+    return base, ragged
+
+
+def _device(*arrays):
+    """CuPy arrays (int32 offsets and lengths C-contiguous, as the kernels index them); None stays None."""
+    import cupy
+
+    return [None if x is None else cupy.ascontiguousarray(cupy.asarray(x)) for x in arrays]
 
 
 def _import(what, **operands):
@@ -79,7 +107,9 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu_seqle
                                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                           alibi_slopes=a["alibi_slopes"], what=what, return_lse=return_lse,
                                           **options)
-    _backend(backend, what)
+    if _on_gpu(backend, origin, base, what):
+        out, lse = _varlen_forward_gpu(a, origin, base, segments, causal_alignment)
+        return (out, lse) if return_lse else out
     qh, kh, vh, slopes = map(_host, (a["q"], a["k"], a["v"], a["alibi_slopes"]))
     out = _dispatch._empty(numpy, qh.shape[:2] + vh.shape[2:], base.dtype)
     lse = _dispatch._empty(numpy, (qh.shape[1], qh.shape[0]), base.accum_dtype)
@@ -107,7 +137,8 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
                                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                           alibi_slopes=a["alibi_slopes"], what=what, dout=a["dout"], out=a["out"],
                                           lse=a["lse"], deterministic=deterministic, **options)
-    _backend(backend, what)
+    if _on_gpu(backend, origin, base, what):
+        return _backward_gpu(a, origin, base, segments, causal_alignment, deterministic, packed=True)
     host = {name: _host(x) for name, x in a.items()}
     grads = [_dispatch._empty(numpy, host[name].shape, base.dtype) for name in ("q", "k", "v")]
     frames = [_in_frame(host[name]) for name in ("dout", "q", "k", "v", "out", "lse")]
@@ -135,7 +166,8 @@ def padded_forward(q, k, v, seqlens_q, seqlens_k, alibi_slopes, options, what):
     alignment = options["causal_alignment"]
     base, segments = _ragged.check_padded(a["q"], a["k"], a["v"], a["seqlens_q"], a["seqlens_k"],
                                           alibi_slopes=a["alibi_slopes"], what=what, **options)
-    _backend(options["backend"], what)
+    if _on_gpu(options["backend"], origin, base, what):
+        return _padded_forward_gpu(a, origin, base, segments, alignment)
     qh, kh, vh, slopes = map(_host, (a["q"], a["k"], a["v"], a["alibi_slopes"]))
     out = _dispatch._empty(numpy, base.out_shape, base.dtype)
     lse = _dispatch._empty(numpy, base.lse_shape, base.accum_dtype)
@@ -150,12 +182,85 @@ def padded_backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, alibi_slopes,
     base, segments = _ragged.check_padded(a["q"], a["k"], a["v"], a["seqlens_q"], a["seqlens_k"],
                                           alibi_slopes=a["alibi_slopes"], what=what, dout=a["dout"], out=a["out"],
                                           lse=a["lse"], **options)
-    _backend(options["backend"], what)
+    if _on_gpu(options["backend"], origin, base, what):
+        return _backward_gpu(a, origin, base, segments, options["causal_alignment"], options["deterministic"],
+                             packed=False)
     host = {name: _host(x) for name, x in a.items()}
     grads = [_dispatch._empty(numpy, host[name].shape, base.dtype) for name in ("q", "k", "v")]
     _ragged.run_backward(_numpy_backend.backward, *(host[n] for n in ("dout", "q", "k", "v", "out", "lse")),
                          host["alibi_slopes"], *grads, base, segments, options["causal_alignment"])
     return _deliver(origin, tuple(grads))
+
+
+def _varlen_forward_gpu(a, origin, base, segments, alignment):
+    """A packed forward on the GPU, on the caller's stream: (out (total_q, Hq, Dv), lse (Hq, total_q))."""
+    from . import _api
+    from ._cuda.forward import flash_forward
+
+    problem, ragged = _gpu_batch(base, segments, alignment, True, a["alibi_slopes"])
+    total_q = a["q"].shape[0]
+    out_shape, lse_shape = (total_q, base.heads_q, base.head_dim_v), (base.heads_q, total_q)
+
+    def run(q, k, v, cu_q, cu_k, slopes):
+        import cupy
+
+        q, k, v, cu_q, cu_k, slopes = _device(q, k, v, cu_q, cu_k, slopes)
+        with cupy.cuda.Device(q.device.id):
+            out = _dispatch._empty(cupy, out_shape, base.dtype)
+            lse = _dispatch._empty(cupy, lse_shape, base.accum_dtype)
+            flash_forward(q[None], k[None], v[None], slopes, out[None], lse[None], problem, ragged=ragged,
+                          seqlens=(cu_q, cu_k, None, None))
+        return out, lse
+
+    arrays = tuple(a[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"))
+    return _api._run(origin, run, arrays, ((out_shape, base.dtype), (lse_shape, base.accum_dtype)))
+
+
+def _padded_forward_gpu(a, origin, base, segments, alignment):
+    """A padded forward on the GPU, on the caller's stream: (out, lse) shaped as the dense call's."""
+    from . import _api
+    from ._cuda.forward import flash_forward
+
+    problem, ragged = _gpu_batch(base, segments, alignment, False, a["alibi_slopes"])
+
+    def run(q, k, v, used_q, used_k, slopes):
+        import cupy
+
+        q, k, v, used_q, used_k, slopes = _device(q, k, v, used_q, used_k, slopes)
+        with cupy.cuda.Device(q.device.id):
+            out = _dispatch._empty(cupy, base.out_shape, base.dtype)
+            lse = _dispatch._empty(cupy, base.lse_shape, base.accum_dtype)
+            flash_forward(q, k, v, slopes, out, lse, problem, ragged=ragged, seqlens=(None, None, used_q, used_k))
+        return out, lse
+
+    arrays = tuple(a[n] for n in ("q", "k", "v", "seqlens_q", "seqlens_k", "alibi_slopes"))
+    return _api._run(origin, run, arrays, ((base.out_shape, base.dtype), (base.lse_shape, base.accum_dtype)))
+
+
+def _backward_gpu(a, origin, base, segments, alignment, deterministic, packed):
+    """A packed or padded backward on the GPU, on the caller's stream: (dq, dk, dv) shaped as q, k, v."""
+    from . import _api
+    from ._cuda.backward import flash_backward
+
+    problem, ragged = _gpu_batch(base, segments, alignment, packed, a["alibi_slopes"])
+    names = ("cu_seqlens_q", "cu_seqlens_k") if packed else ("seqlens_q", "seqlens_k")
+
+    def run(dout, q, k, v, out, lse, first_q, first_k, slopes):
+        import cupy
+
+        dout, q, k, v, out, lse, first_q, first_k, slopes = _device(dout, q, k, v, out, lse, first_q, first_k,
+                                                                    slopes)
+        seqlens = (first_q, first_k, None, None) if packed else (None, None, first_q, first_k)
+        with cupy.cuda.Device(q.device.id):
+            grads = [_dispatch._empty(cupy, x.shape, base.dtype) for x in (q, k, v)]
+            frame = (lambda x: x[None]) if packed else (lambda x: x)
+            flash_backward(*map(frame, (dout, q, k, v, out, lse)), slopes, *map(frame, grads), problem,
+                           bool(deterministic), ragged=ragged, seqlens=seqlens)
+        return tuple(grads)
+
+    arrays = tuple(a[n] for n in ("dout", "q", "k", "v", "out", "lse", *names, "alibi_slopes"))
+    specs = tuple((a[n].shape, base.dtype) for n in ("q", "k", "v"))
+    return _api._run(origin, run, arrays, specs)
 
 
 def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqlens: Array, *,

@@ -15,7 +15,7 @@
 // Rows past Sq need no masking: their outputs are not stored, and the backward's L2 is +inf there.
 #pragma once
 
-#include "../core/params.cuh"
+#include "seqlen.cuh"
 
 namespace cuflash {
 
@@ -32,6 +32,18 @@ struct Mask {
     template <typename Params>
     __device__ __forceinline__ static Mask of(const Params& p) {
         return Mask{p.mask_offset, p.window_left, p.window_right, p.seqlen_q, p.seqlen_k};
+    }
+
+    // The mask of one sequence (attn/seqlen.cuh): its own lengths, aligned as the batch says.
+    template <typename Params>
+    __device__ __forceinline__ static Mask of(const Params& p, const Seq& s) {
+        if constexpr (!kRagged) {
+            return of(p);
+        } else {
+            // Sk_b - Sq_b fits an int: as one, it costs a register where the kernels hold it.
+            const int offset = p.mask_bottom_right ? s.seqlen_k - s.seqlen_q : 0;
+            return Mask{offset, p.window_left, p.window_right, s.seqlen_q, s.seqlen_k};
+        }
     }
 
     // Keys of query i lie in [first_key(i), last_key(i)] (before clipping to 0..Sk-1).

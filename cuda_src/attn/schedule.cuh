@@ -25,6 +25,13 @@ struct KvWork {
     }
 };
 
+// The batch index (sequence) of a dK/dV CTA, needed before its mask (Mask::of(p, seq)).
+template <typename Params>
+__device__ __forceinline__ i64 kv_batch(const Params& p) {
+    return blockIdx.x / p.n_tiles / p.splits / p.fwd.heads_kv;
+}
+
+// mask: the mask of the CTA's sequence (Mask::of(p.fwd, seq) of sequence kv_batch(p)).
 template <int BlockN, int BlockM, typename Params>
 __device__ __forceinline__ KvWork kv_work(const Params& p, const Mask& mask) {
     KvWork w;
@@ -39,7 +46,7 @@ __device__ __forceinline__ KvWork kv_work(const Params& p, const Mask& mask) {
     w.h_begin = w.h_kv * group + w.split * p.heads_per_split;
     const int h_stop = w.h_kv * group + group;
     w.h_end = w.h_begin + p.heads_per_split < h_stop ? w.h_begin + p.heads_per_split : h_stop;
-    const int key1 = w.key0 + BlockN < p.fwd.seqlen_k ? w.key0 + BlockN : p.fwd.seqlen_k;
+    const int key1 = w.key0 + BlockN < mask.seqlen_k ? w.key0 + BlockN : mask.seqlen_k;
     const TileRange m = mask.query_tiles<BlockM>(w.key0, key1);
     w.m_begin = m.begin;
     w.m_end = m.end;
@@ -49,15 +56,16 @@ __device__ __forceinline__ KvWork kv_work(const Params& p, const Mask& mask) {
 
 // Loads the query tile of step x of a dK/dV CTA: Q_i and dO_i through the kernel's tile loader
 // (load_rows(smem, tensor, row0, ncols), which knows the kernel's shared-memory layout), and the
-// tile's L2 and D rows (BlockM values each, in the accumulator type of Params, a BwdParamsOf<Acc>).
+// tile's L2 and D rows (BlockM values each, in the accumulator type of Params, a BwdParamsOf<Acc>)
+// of sequence b (seq, attn/seqlen.cuh).
 template <int BlockM, int Threads, int ElemBytes, typename Params, typename LoadRows>
-__device__ __forceinline__ void load_query_step(const Params& p, i64 b, KvStep x, u32 sQ, u32 sdO, u32 sL2, u32 sD,
-                                                int tid, LoadRows load_rows) {
+__device__ __forceinline__ void load_query_step(const Params& p, const Seq& seq, i64 b, KvStep x, u32 sQ, u32 sdO,
+                                                u32 sL2, u32 sD, int tid, LoadRows load_rows) {
     const auto& f = p.fwd;
     const int i0 = x.m * BlockM;
-    load_rows(sQ, Tensor::of(f.q, f.q_st, b, x.h, ElemBytes), i0, f.head_dim);
-    load_rows(sdO, Tensor::of(p.dout, p.do_st, b, x.h, ElemBytes), i0, f.head_dim_v);
-    const i64 off = (b * f.heads_q + x.h) * static_cast<i64>(p.seqlen_q_pad) + i0;
+    load_rows(sQ, Tensor::of(f.q, f.q_st, b, x.h, ElemBytes, seq.q0), i0, f.head_dim);
+    load_rows(sdO, Tensor::of(p.dout, p.do_st, b, x.h, ElemBytes, seq.q0), i0, f.head_dim_v);
+    const i64 off = ws_row0(p, seq, b, x.h) + i0;
     load_vec<BlockM, Threads>(sL2, p.l2 + off, tid);
     load_vec<BlockM, Threads>(sD, p.dsum + off, tid);
 }

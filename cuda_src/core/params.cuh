@@ -32,7 +32,7 @@ struct FwdParamsOf {
     const void* k;               // (B, Sk, Hkv, D)
     const void* v;               // (B, Sk, Hkv, Dv)
     void* out;                   // (B, Sq, Hq, Dv)
-    Acc* lse;                    // (B, Hq, Sq), natural log
+    Acc* lse;                    // (B, Hq, Sq), natural log; (Hq, total_q) packed
     const float* alibi_slopes;   // slope of (b, h) at alibi_slopes[b * alibi_sb + h]; null without ALiBi
     Strides q_st, k_st, v_st, o_st;
     i64 lse_sb, lse_sh, lse_ss;
@@ -48,6 +48,15 @@ struct FwdParamsOf {
     Acc softcap_out;             // softcap: c * log2 e
     int num_m_blocks;            // query tiles per (batch, head): the forward's grid is B * Hq * num_m_blocks
     int vec_out;                 // out rows 16-byte aligned with unit stride along Dv
+    // Ragged batches (SEQ_MODE 1, attn/seqlen.cuh), each null when absent: packed offsets (B + 1)
+    // and padded valid lengths (B). batch, seqlen_q and seqlen_k then describe the grid (seqlen_*
+    // the longest sequence, or the padded length), and the mask of sequence b is aligned
+    // bottom-right (offset Sk_b - Sq_b) if mask_bottom_right, else top-left (offset 0).
+    const int* cu_seqlens_q;
+    const int* cu_seqlens_k;
+    const int* seqused_q;
+    const int* seqused_k;
+    int mask_bottom_right;
 };
 
 using FwdParams = FwdParamsOf<float>;
@@ -59,6 +68,7 @@ struct BwdParamsOf {
     FwdParamsOf<Acc> fwd;
     const void* dout;            // (B, Sq, Hq, Dv)
     Acc* l2;                     // (B, Hq, Sq_pad): LSE * log2 e, +inf on rows that see no key and past Sq
+                                 // (packed: attn/seqlen.cuh's ws_row0 places the rows)
     Acc* dsum;                   // (B, Hq, Sq_pad): D = rowsum(dO o O), 0 past Sq
     Acc* dq_accum;               // (B, Hq, Sq_pad, HEAD_DIM) Acc workspace of the atomic dQ
     void* dq;                    // (B, Sq, Hq, D)
@@ -66,7 +76,8 @@ struct BwdParamsOf {
     void* dv;                    // (B, Sk, Hkv, Dv), or Acc partial sums as dk
     Strides do_st, dq_st, dk_st, dv_st;
     i64 dk_split, dv_split;      // elements between the partial sums of two GQA splits
-    int seqlen_q_pad;            // Sq rounded up to a multiple of 128 (rows of l2, dsum, dq_accum)
+    int seqlen_q_pad;            // Sq rounded up to a multiple of 128 (rows of l2, dsum, dq_accum per (b, h));
+                                 // packed: total_q + 128 * B (rows per head)
     int heads_per_split;         // query heads of a GQA group per dK/dV CTA
     int splits;                  // CTAs sharing one key tile's GQA group
     int n_tiles;                 // tiles the grid's fastest index runs over

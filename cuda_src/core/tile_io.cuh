@@ -7,14 +7,16 @@
 
 namespace cuflash {
 
-// One (batch, head) of a BSHD tensor as a (seq, dim) view.
+// One (batch, head) of a BSHD tensor as a (seq, dim) view, from sequence position row0 (a packed
+// sequence's first row, attn/seqlen.cuh).
 struct Tensor {
-    const char* base;  // element (b, 0, h, 0)
+    const char* base;  // element (b, row0, h, 0)
     i64 stride_s;      // elements between consecutive sequence positions
     i64 stride_d;      // elements between consecutive head-dim entries (1 on the vector path)
 
-    __device__ __forceinline__ static Tensor of(const void* data, const Strides& st, i64 b, i64 h, int elem_bytes) {
-        return Tensor{static_cast<const char*>(data) + (b * st.b + h * st.h) * elem_bytes, st.s, st.d};
+    __device__ __forceinline__ static Tensor of(const void* data, const Strides& st, i64 b, i64 h, int elem_bytes,
+                                                i64 row0 = 0) {
+        return Tensor{static_cast<const char*>(data) + (b * st.b + h * st.h + row0 * st.s) * elem_bytes, st.s, st.d};
     }
 };
 

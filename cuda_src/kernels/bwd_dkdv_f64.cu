@@ -12,8 +12,7 @@ using namespace cuflash::bwd64;
 // otherwise straight to dk and dv.
 extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkdv(const __grid_constant__ Params p) {
     const FwdParamsOf<double>& f = p.fwd;
-    const int heads_q = f.heads_q, seqlen_q = f.seqlen_q, seqlen_k = f.seqlen_k;
-    const int head_dim = f.head_dim, head_dim_v = f.head_dim_v, seqlen_q_pad = p.seqlen_q_pad;
+    const int head_dim = f.head_dim, head_dim_v = f.head_dim_v;
     extern __shared__ __align__(128) char smem[];
     const u32 s_base = smem_addr(smem);
     const u32 sK = s_base, sV = s_base + kOffOwnB;
@@ -23,24 +22,28 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
     const int g = lane >> 2, t = lane & 3;
     const int rg = warp % kRowGroups, ds = warp / kRowGroups;
 
-    const Mask mask = Mask::of(f);
+    const Seq seq = Seq::of(f, kv_batch(p));
+    const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+    const Mask mask = Mask::of(f, seq);
     const KvWork work = kv_work<kOwn, kStream>(p, mask);
     const i64 b = work.b;
     const int split = work.split, h_kv = work.h_kv, key0 = work.key0, n_iter = work.n_iter;
+    // A ragged batch's shorter sequences have no rows in the grid's later key tiles (bwd_dkdv_sm80.cu).
+    if (kRagged && key0 >= seqlen_k) return;
 
     const bool vec = p.vec_in != 0;
-    const Tensor tk = Tensor::of(f.k, f.k_st, b, h_kv, 8);
-    const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, 8);
+    const Tensor tk = Tensor::of(f.k, f.k_st, b, h_kv, 8, seq.k0);
+    const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, 8, seq.k0);
 
     auto load_stream = [&](KvStep x, int stage) {
         load_query_step<kStream, kThreads, 8>(
-            p, b, x, s_base + kOffStreamA + stage * kStreamTileBytes, s_base + kOffStreamB + stage * kStreamTileBytes,
+            p, seq, b, x, s_base + kOffStreamA + stage * kStreamTileBytes, s_base + kOffStreamB + stage * kStreamTileBytes,
             s_base + kOffL2 + stage * kVecBytes, s_base + kOffD + stage * kVecBytes, tid,
             [&](u32 smem, const Tensor& t, int row0, int ncols) {
                 // Rows that see no key load as zeros (attn/mask.cuh, live_queries); the bounds are
                 // recomputed from the parameters here rather than held in registers across the loop.
                 int live_lo, live_hi;
-                Mask::of(f).live_queries(live_lo, live_hi);
+                Mask::of(f, seq).live_queries(live_lo, live_hi);
                 load_tile<kStream>(smem, t, row0, live_hi, ncols, vec, tid, live_lo);
             });
     };
@@ -60,8 +63,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
     // the float64 workspace (B, Hq, Sq_pad, HEAD_DIM), where every row and column of the tile exists.
     auto add_dq_tile = [&](int it, KvStep x) {
         const u32 sDS = s_base + kOffDS + (it & 1) * kDSBytes;
-        double* const dq_rows =
-            p.dq_accum + ((b * heads_q + x.h) * static_cast<i64>(seqlen_q_pad) + x.m * kStream) * kHeadDim;
+        double* const dq_rows = p.dq_accum + (ws_row0(p, seq, b, x.h) + x.m * kStream) * kHeadDim;
 #pragma unroll 1
         for (int pass = 0; pass < kDQPasses; ++pass) {
             const int blk = warp + pass * kWarps;  // 16 columns of dQ from blk * 16
@@ -122,7 +124,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
         for (int half = 0; half < 2; ++half) {
             const i64 key = key_w + half * 8;
             mask.queries_of_key(key, i0, kStream, lo[half], hi[half]);
-            dist0[half] = kAlibi ? static_cast<double>(i0 + f.mask_offset - key) : 0.0;
+            dist0[half] = kAlibi ? static_cast<double>(i0 + mask.offset - key) : 0.0;
         }
         auto l2_of = [&](int, int col) { return lds_f64(sL2 + col * 8); };
         scores_to_p(s, mod, masked, lo, hi, dist0, l2_of, lane);
@@ -178,8 +180,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
     cp_async_wait<0>();
 
     const int row0 = key0 + rg * 16;
-    char* const dk_base = static_cast<char*>(p.dk) + (split * p.dk_split + b * p.dk_st.b + h_kv * p.dk_st.h) * 8;
-    char* const dv_base = static_cast<char*>(p.dv) + (split * p.dv_split + b * p.dv_st.b + h_kv * p.dv_st.h) * 8;
+    char* const dk_base =
+        static_cast<char*>(p.dk) + (split * p.dk_split + b * p.dk_st.b + h_kv * p.dk_st.h + seq.k0 * p.dk_st.s) * 8;
+    char* const dv_base =
+        static_cast<char*>(p.dv) + (split * p.dv_split + b * p.dv_st.b + h_kv * p.dv_st.h + seq.k0 * p.dv_st.s) * 8;
     store_acc<double>(acc_dk, f.scale, dk_base, p.dk_st.s, p.dk_st.d, row0, seqlen_k, acc_col0, head_dim, false, lane);
     store_acc<double>(acc_dv, 1.0, dv_base, p.dv_st.s, p.dv_st.d, row0, seqlen_k, acc_col0, head_dim_v, false, lane);
 }

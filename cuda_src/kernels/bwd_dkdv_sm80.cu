@@ -25,6 +25,7 @@
 //   KK_UNROLL, DQ_UNROLL  unroll of the k16 loops of S/dP and of dQ (registers against latency hiding)
 //   DQ_ATOMIC 1: also accumulate dQ                                   DTYPE  1 float16, 2 bfloat16
 //   SCORE_MODS  score modifiers (attn/score_mod.cuh)
+//   SEQ_MODE    0 dense, 1 ragged (attn/seqlen.cuh)
 //   SMEM_BYTES  the launcher's dynamic shared memory, checked against the layout below
 //
 // Masking: attn/mask.cuh. The preprocess kernel (bwd_aux.cu) hands over L2_i = LSE_i * log2 e,
@@ -203,8 +204,7 @@ using namespace cuflash::bwd_kv;
 // otherwise straight to dk and dv.
 extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkdv(const __grid_constant__ BwdParams p) {
     const FwdParams& f = p.fwd;
-    const int heads_q = f.heads_q, seqlen_q = f.seqlen_q, seqlen_k = f.seqlen_k;
-    const int head_dim = f.head_dim, head_dim_v = f.head_dim_v, seqlen_q_pad = p.seqlen_q_pad;
+    const int head_dim = f.head_dim, head_dim_v = f.head_dim_v;
     extern __shared__ __align__(128) char smem[];
     const u32 s_base = smem_addr(smem);
     const u32 sK = s_base, sV = s_base + kOffV, sP = s_base + kOffP, sDS = s_base + kOffDS;
@@ -218,24 +218,29 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
     const int n_kv = (warp % WARPS_N_DKV) * kKvRows, d_kv = (warp / WARPS_N_DKV) * kKvCols;
     const int m_dq = (warp % WARPS_M_DQ) * kDqRows, d_dq = (warp / WARPS_M_DQ) * kDqCols;
 
-    const Mask mask = Mask::of(f);
+    const Seq seq = Seq::of(f, kv_batch(p));
+    const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+    const Mask mask = Mask::of(f, seq);
     const KvWork work = kv_work<kN, kM>(p, mask);
     const i64 b = work.b;
     const int h_kv = work.h_kv, key0 = work.key0;
+    // The grid covers the longest sequence of a ragged batch: the shorter ones' key tiles past their
+    // end have no rows (padding rows are the launcher's).
+    if (kRagged && key0 >= seqlen_k) return;
 
     const bool vec = p.vec_in != 0;
-    const Tensor tk = Tensor::of(f.k, f.k_st, b, h_kv, 2);
-    const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, 2);
+    const Tensor tk = Tensor::of(f.k, f.k_st, b, h_kv, 2, seq.k0);
+    const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, 2, seq.k0);
 
     auto load_stream = [&](KvStep x, int stage) {
         load_query_step<kM, kThreads, 2>(
-            p, b, x, s_base + kOffQ + stage * kQueryTileBytes, s_base + kOffDO + stage * kQueryTileBytes,
+            p, seq, b, x, s_base + kOffQ + stage * kQueryTileBytes, s_base + kOffDO + stage * kQueryTileBytes,
             s_base + kOffL2 + stage * kVecBytes, s_base + kOffD + stage * kVecBytes, tid,
             [&](u32 smem, const Tensor& t, int row0, int ncols) {
                 // Rows that see no key load as zeros (attn/mask.cuh, live_queries); the bounds are
                 // recomputed from the parameters here rather than held in registers across the loop.
                 int live_lo, live_hi;
-                Mask::of(f).live_queries(live_lo, live_hi);
+                Mask::of(f, seq).live_queries(live_lo, live_hi);
                 load_tile<kM>(smem, t, row0, live_hi, ncols, vec, tid, live_lo);
             });
     };
@@ -295,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
                     const i64 key = k0 + mt * 16 + g + half * 8;
                     int lo = 0, hi = kSdpCols;
                     if (masked) mask.queries_of_key(key, q0, kSdpCols, lo, hi);
-                    const float dist0 = kAlibi ? static_cast<float>(q0 + f.mask_offset - key) : 0.f;
+                    const float dist0 = kAlibi ? static_cast<float>(q0 + mask.offset - key) : 0.f;
 #pragma unroll
                     for (int nt = 0; nt < kSdpNT; ++nt)
 #pragma unroll
@@ -323,7 +328,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
                     for (int e = 0; e < 4; ++e) {
                         const int col = nt * 8 + 2 * t + (e & 1);
                         const i64 key = k0 + mt * 16 + g + (e >> 1) * 8;
-                        const float dist = kAlibi ? static_cast<float>(q0 + col + f.mask_offset - key) : 0.f;
+                        const float dist = kAlibi ? static_cast<float>(q0 + col + mask.offset - key) : 0.f;
                         const float pe = s[mt][nt][e];
                         dp[mt][nt][e] = pe * (dp[mt][nt][e] - ((e & 1) ? dc.y : dc.x)) *
                                         mod.dlogit(pe, (e & 1) ? l2c[nt].y : l2c[nt].x, dist);
@@ -349,9 +354,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
         auto product_dq = [&] {
             if constexpr (kDQAtomic) {
                 if (d_dq >= head_dim) return;
-                float* const dq_rows = p.dq_accum +
-                                       ((b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0 + m_dq) * kHeadDim +
-                                       d_dq;
+                float* const dq_rows = p.dq_accum + (ws_row0(p, seq, b, h) + i0 + m_dq) * kHeadDim + d_dq;
 #pragma unroll
                 for (int c0 = 0; c0 + 64 <= kDqCols; c0 += 64)
                     dq_pass<8>(dq_rows + c0, sDS + m_dq * 2, sK + (d_dq + c0) * 2, head_dim - d_dq - c0, lane);
@@ -376,8 +379,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
 
     const int row0 = key0 + n_kv;
     const int out_bytes = p.f32_out ? 4 : 2;
-    char* const dk_base = static_cast<char*>(p.dk) + (work.split * p.dk_split + b * p.dk_st.b + h_kv * p.dk_st.h) * out_bytes;
-    char* const dv_base = static_cast<char*>(p.dv) + (work.split * p.dv_split + b * p.dv_st.b + h_kv * p.dv_st.h) * out_bytes;
+    char* const dk_base = static_cast<char*>(p.dk) +
+                          (work.split * p.dk_split + b * p.dk_st.b + h_kv * p.dk_st.h + seq.k0 * p.dk_st.s) * out_bytes;
+    char* const dv_base = static_cast<char*>(p.dv) +
+                          (work.split * p.dv_split + b * p.dv_st.b + h_kv * p.dv_st.h + seq.k0 * p.dv_st.s) * out_bytes;
     store_acc<Elem>(acc_dk, f.scale, dk_base, p.dk_st.s, p.dk_st.d, row0, seqlen_k, d_kv, head_dim, p.f32_out != 0, lane);
     store_acc<Elem>(acc_dv, 1.f, dv_base, p.dv_st.s, p.dv_st.d, row0, seqlen_k, d_kv, head_dim_v, p.f32_out != 0, lane);
 }

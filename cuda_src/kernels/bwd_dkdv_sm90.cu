@@ -21,6 +21,7 @@
 //   STAGES   2 (double buffering)                      MIN_BLOCKS  __launch_bounds__
 //   DQ_ATOMIC 1: also accumulate dQ                    DTYPE  1 float16, 2 bfloat16
 //   SCORE_MODS  score modifiers (attn/score_mod.cuh)
+//   SEQ_MODE    0 dense, 1 ragged (attn/seqlen.cuh)
 //   SMEM_BYTES  the launcher's dynamic shared memory, checked against the layout below
 //
 // Masking: attn/mask.cuh. The preprocess kernel (bwd_aux.cu) hands over L2_i = LSE_i * log2 e,
@@ -142,8 +143,7 @@ using namespace cuflash::bwd_wg;
 // otherwise straight to dk and dv.
 extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkdv(const __grid_constant__ BwdParams p) {
     const FwdParams& f = p.fwd;
-    const int heads_q = f.heads_q, seqlen_q = f.seqlen_q, seqlen_k = f.seqlen_k;
-    const int head_dim = f.head_dim, head_dim_v = f.head_dim_v, seqlen_q_pad = p.seqlen_q_pad;
+    const int head_dim = f.head_dim, head_dim_v = f.head_dim_v;
     extern __shared__ __align__(128) char smem[];
     const u32 s_base = (smem_addr(smem) + 1023u) & ~1023u;
 
@@ -156,24 +156,28 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
     const int n_w = n_wg + ((tid >> 5) & 3) * 16;
     const int m_dq = (group_id % kDqRowBlocks) * 64, d_dq = (group_id / kDqRowBlocks) * kDqCols;
 
-    const Mask mask = Mask::of(f);
+    const Seq seq = Seq::of(f, kv_batch(p));
+    const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+    const Mask mask = Mask::of(f, seq);
     const KvWork work = kv_work<kN, kM>(p, mask);
     const i64 b = work.b;
     const int h_kv = work.h_kv, key0 = work.key0;
+    // A ragged batch's shorter sequences have no rows in the grid's later key tiles (bwd_dkdv_sm80.cu).
+    if (kRagged && key0 >= seqlen_k) return;
 
     const bool vec = p.vec_in != 0;
-    const Tensor tk = Tensor::of(f.k, f.k_st, b, h_kv, 2);
-    const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, 2);
+    const Tensor tk = Tensor::of(f.k, f.k_st, b, h_kv, 2, seq.k0);
+    const Tensor tv = Tensor::of(f.v, f.v_st, b, h_kv, 2, seq.k0);
 
     auto load_stream = [&](KvStep x, int stage) {
         load_query_step<kM, kThreads, 2>(
-            p, b, x, s_base + kOffQ + stage * kQueryTileBytes, s_base + kOffDO + stage * kQueryTileBytes,
+            p, seq, b, x, s_base + kOffQ + stage * kQueryTileBytes, s_base + kOffDO + stage * kQueryTileBytes,
             s_base + kOffL2 + stage * kVecBytes, s_base + kOffD + stage * kVecBytes, tid,
             [&](u32 smem, const Tensor& t, int row0, int ncols) {
                 // Rows that see no key load as zeros (attn/mask.cuh, live_queries); the bounds are
                 // recomputed from the parameters here rather than held in registers across the loop.
                 int live_lo, live_hi;
-                Mask::of(f).live_queries(live_lo, live_hi);
+                Mask::of(f, seq).live_queries(live_lo, live_hi);
                 load_tile<kM>(smem, t, row0, live_hi, ncols, vec, tid, live_lo);
             });
     };
@@ -232,7 +236,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
         float dist0[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half)
-            dist0[half] = kAlibi ? static_cast<float>(i0 + f.mask_offset - (k0 + g + half * 8)) : 0.f;
+            dist0[half] = kAlibi ? static_cast<float>(i0 + mask.offset - (k0 + g + half * 8)) : 0.f;
         if (masked) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
@@ -333,9 +337,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
                 wg::pin(dq);
                 wg::pin(p16);
                 wg::pin(ds16);
-                float* const dq_rows = p.dq_accum +
-                                       ((b * heads_q + h) * static_cast<i64>(seqlen_q_pad) + i0 + m_dq +
-                                        (n_w - n_wg)) * kHeadDim + d_dq;
+                float* const dq_rows =
+                    p.dq_accum + (ws_row0(p, seq, b, h) + i0 + m_dq + (n_w - n_wg)) * kHeadDim + d_dq;
 #pragma unroll
                 for (int np = 0; np < kDqCols / 16; ++np)
                     if (d_dq + np * 16 < head_dim)
@@ -350,8 +353,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dkd
 
     const int row0 = key0 + n_w;
     const int out_bytes = p.f32_out ? 4 : 2;
-    char* const dk_base = static_cast<char*>(p.dk) + (work.split * p.dk_split + b * p.dk_st.b + h_kv * p.dk_st.h) * out_bytes;
-    char* const dv_base = static_cast<char*>(p.dv) + (work.split * p.dv_split + b * p.dv_st.b + h_kv * p.dv_st.h) * out_bytes;
+    char* const dk_base = static_cast<char*>(p.dk) +
+                          (work.split * p.dk_split + b * p.dk_st.b + h_kv * p.dk_st.h + seq.k0 * p.dk_st.s) * out_bytes;
+    char* const dv_base = static_cast<char*>(p.dv) +
+                          (work.split * p.dv_split + b * p.dv_st.b + h_kv * p.dv_st.h + seq.k0 * p.dv_st.s) * out_bytes;
     store_acc<Elem>(acc_dk, f.scale, dk_base, p.dk_st.s, p.dk_st.d, row0, seqlen_k, 0, head_dim, p.f32_out != 0, lane);
     store_acc<Elem>(acc_dv, 1.f, dv_base, p.dv_st.s, p.dv_st.d, row0, seqlen_k, 0, head_dim_v, p.f32_out != 0, lane);
 }

@@ -11,7 +11,7 @@ using namespace cuflash::bwd;
 // written straight to dq in its dtype.
 extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dq(const __grid_constant__ BwdParams p) {
     const FwdParams& f = p.fwd;
-    const int seqlen_q = f.seqlen_q, seqlen_k = f.seqlen_k, head_dim = f.head_dim, head_dim_v = f.head_dim_v;
+    const int head_dim = f.head_dim, head_dim_v = f.head_dim_v;
     extern __shared__ __align__(128) char smem[];
     const u32 s_base = smem_addr(smem);
     const u32 sQ = s_base, sdO = s_base + kOffOwnB;
@@ -25,16 +25,20 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dq(
     const i64 b = work.b;
     const int h = work.h;
     const int row0 = work.tile * kOwn;
+    // A ragged batch's shorter sequences have no rows in the grid's later tiles (fwd_sm80.cu).
+    const Seq seq = Seq::of(f, b);
+    if (kRagged && row0 >= seq.seqlen_q) return;
+    const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
     const int row_end = row0 + kOwn < seqlen_q ? row0 + kOwn : seqlen_q;
 
     const bool vec = p.vec_in != 0;
-    const Tensor tq = Tensor::of(f.q, f.q_st, b, h, kElemBytes);
-    const Tensor tdo = Tensor::of(p.dout, p.do_st, b, h, kElemBytes);
-    const Tensor tk = Tensor::of(f.k, f.k_st, b, work.h_kv, kElemBytes);
-    const Tensor tv = Tensor::of(f.v, f.v_st, b, work.h_kv, kElemBytes);
+    const Tensor tq = Tensor::of(f.q, f.q_st, b, h, kElemBytes, seq.q0);
+    const Tensor tdo = Tensor::of(p.dout, p.do_st, b, h, kElemBytes, seq.q0);
+    const Tensor tk = Tensor::of(f.k, f.k_st, b, work.h_kv, kElemBytes, seq.k0);
+    const Tensor tv = Tensor::of(f.v, f.v_st, b, work.h_kv, kElemBytes, seq.k0);
 
     // The key tiles some row of Q_i sees.
-    const Mask mask = Mask::of(f);
+    const Mask mask = Mask::of(f, seq);
     const TileRange keys = mask.key_tiles<kStream>(row0, row_end);
     const int n_iter = keys.count();
     const ScoreMod mod = ScoreMod::of(f, b, h);
@@ -51,7 +55,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dq(
 
     // L2 and D of this lane's two rows (the buffers are padded, so rows past Sq read +inf and 0).
     const int query_w = row0 + rg * 16 + g;
-    const i64 vec_off = (b * f.heads_q + h) * static_cast<i64>(p.seqlen_q_pad) + query_w;
+    const i64 vec_off = ws_row0(p, seq, b, h) + query_w;
     const float l2_row[2] = {p.l2[vec_off], p.l2[vec_off + 8]};
     const float d_row[2] = {p.dsum[vec_off], p.dsum[vec_off + 8]};
 
@@ -87,7 +91,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dq(
         for (int half = 0; half < 2; ++half) {
             const i64 query = query_w + half * 8;
             mask.keys_of_query(query, n0, kStream, lo[half], hi[half]);
-            dist0[half] = kAlibi ? static_cast<float>(query + f.mask_offset - n0) : 0.f;
+            dist0[half] = kAlibi ? static_cast<float>(query + mask.offset - n0) : 0.f;
         }
         auto l2_of = [&](int half, int) { return l2_row[half]; };
         scores_to_p(s, mod, masked, lo, hi, dist0, l2_of, lane);
@@ -121,6 +125,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) flash_bwd_dq(
         for (int e = 0; e < 4; ++e)
             if (l2_row[e >> 1] == Num<float>::inf()) acc_dq[ct][e] = 0.f;
 
-    char* const dq_base = static_cast<char*>(p.dq) + (b * p.dq_st.b + h * p.dq_st.h) * kElemBytes;
+    char* const dq_base = static_cast<char*>(p.dq) + (b * p.dq_st.b + h * p.dq_st.h + seq.q0 * p.dq_st.s) * kElemBytes;
     store_acc<Elem>(acc_dq, f.scale, dq_base, p.dq_st.s, p.dq_st.d, row0 + rg * 16, seqlen_q, acc_col0, head_dim, false, lane);
 }

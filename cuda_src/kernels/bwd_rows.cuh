@@ -29,6 +29,7 @@
 //   SMEM_BYTES   the launcher's dynamic shared memory, checked against the layout below
 //   DTYPE        1 float16, 2 bfloat16 (mma.m16n8k16), 3 float32 (3xTF32 mma.m16n8k8)
 //   SCORE_MODS   score modifiers (attn/score_mod.cuh)
+//   SEQ_MODE     0 dense, 1 ragged (attn/seqlen.cuh)
 //
 // Masking: attn/mask.cuh. The preprocess kernel (bwd_aux.cu) hands over L2_i = LSE_i * log2 e,
 // +inf for rows that see no key and for the padding rows up to a multiple of 128, so

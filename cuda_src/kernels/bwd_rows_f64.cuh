@@ -16,7 +16,7 @@
 //
 // Configuration: HEAD_DIM, BLOCK_OWN, BLOCK_STREAM, NUM_WARPS, SPLIT_D, STAGES (1 or 2 streamed tiles
 // in flight), MIN_BLOCKS, KK_UNROLL (16-column blocks of S and dP unrolled at a time), DQ_ATOMIC,
-// SPLIT_STREAM (0: float32 only), SMEM_BYTES, DTYPE (4), SCORE_MODS. L2 (+inf on rows that see no
+// SPLIT_STREAM (0: float32 only), SMEM_BYTES, DTYPE (4), SCORE_MODS, SEQ_MODE. L2 (+inf on rows that see no
 // key and on the padding rows) and D come from bwd_aux.cu's preprocess, in double.
 #pragma once
 

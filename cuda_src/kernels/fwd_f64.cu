@@ -15,6 +15,7 @@
 //   MAX_REGS    if > 0, a register cap per thread used instead of MIN_BLOCKS (__maxnreg__)
 //   VEC_LOAD    1: 16-byte cp.async tile loads; 0: element loads with any strides
 //   DTYPE       4 (float64)     SCORE_MODS  attn/score_mod.cuh     SMEM_BYTES  checked below
+//   SEQ_MODE    0 dense, 1 ragged (attn/seqlen.cuh)
 //
 // Logits are log2(e) * mod(scale * q_i . k_j) in double; P = exp2(logit - m_i) uses the CUDA math
 // library's double exp2 (there is no fast exp2 for double). A row that sees no key gets O = 0 and
@@ -83,6 +84,7 @@ struct TileLoop {
     Tensor tk, tv;
     int n_last, n_tiles, seqlen_k, head_dim, head_dim_v, tid, lane;
     Mod mod;
+    i64 mask_offset;  // the sequence's (ragged batches; dense ones read p.mask_offset)
 };
 
 // One K_j/V_j tile: S = Q_i K_j^T, logits, online softmax, O_i += P V_j. MASKED is a template
@@ -119,7 +121,7 @@ __device__ __forceinline__ void tile_step(const Params& p, const TileLoop& c, in
     // plain unmasked tiles leave the scaling to the softmax's exp2. This lane's columns are
     // col0 + nt * 8 + e, e in {0, 1}.
     const int col0 = (c.n_last - it) * kBlockN + 2 * (c.lane & 3);
-    const double dist_w = kAlibi ? static_cast<double>(row_w + p.mask_offset - col0) : 0.0;
+    const double dist_w = kAlibi ? static_cast<double>(row_w + (kRagged ? c.mask_offset : p.mask_offset) - col0) : 0.0;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -181,19 +183,23 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Pa
     const i64 b = work.b;
     const int h = work.h;
     const int row0 = work.tile * kBlockM;
-    const int row_end = row0 + kBlockM < p.seqlen_q ? row0 + kBlockM : p.seqlen_q;
-    const int seqlen_k = p.seqlen_k, head_dim = p.head_dim, head_dim_v = p.head_dim_v;
+    // A ragged batch's shorter sequences have no rows in the grid's later tiles (fwd_sm80.cu).
+    const Seq seq = Seq::of(p, b);
+    if (kRagged && row0 >= seq.seqlen_q) return;
+    const int seqlen_q = seq.seqlen_q;
+    const int row_end = row0 + kBlockM < seqlen_q ? row0 + kBlockM : seqlen_q;
+    const int seqlen_k = seq.seqlen_k, head_dim = p.head_dim, head_dim_v = p.head_dim_v;
 
-    const Tensor tq = Tensor::of(p.q, p.q_st, b, h, 8);
-    const Tensor tk = Tensor::of(p.k, p.k_st, b, work.h_kv, 8);
-    const Tensor tv = Tensor::of(p.v, p.v_st, b, work.h_kv, 8);
+    const Tensor tq = Tensor::of(p.q, p.q_st, b, h, 8, seq.q0);
+    const Tensor tk = Tensor::of(p.k, p.k_st, b, work.h_kv, 8, seq.k0);
+    const Tensor tv = Tensor::of(p.v, p.v_st, b, work.h_kv, 8, seq.k0);
 
     // The key tiles some row of Q_i sees, run from the last to the first.
-    const Mask mask = Mask::of(p);
+    const Mask mask = Mask::of(p, seq);
     const TileRange range = mask.key_tiles<kBlockN>(row0, row_end);
     const int n_tiles = range.count(), n_last = range.end - 1;
 
-    load_tile<kBlockM>(sQ, tq, row0, p.seqlen_q, head_dim, tid);
+    load_tile<kBlockM>(sQ, tq, row0, seqlen_q, head_dim, tid);
     if (n_tiles > 0) {
         const int n0 = n_last * kBlockN;
         load_tile<kBlockN>(sKV, tk, n0, seqlen_k, head_dim, tid);
@@ -217,7 +223,7 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Pa
     const Mask::RowBand band = mask.row_band(row_w);
     const int acc_col0 = ds * kAccCols;
     const TileLoop loop{sQ + rg * kWarpRows * kRowBytes, sKV, static_cast<u32>(acc_col0 * 8), tk, tv, n_last, n_tiles,
-                        seqlen_k, head_dim, head_dim_v, tid, lane, Mod::of(p, b, h)};
+                        seqlen_k, head_dim, head_dim_v, tid, lane, Mod::of(p, b, h), mask.offset};
     // Tiles wholly inside [full_lo, full_hi), the keys every row sees, need no mask; in descending
     // order the masked tiles come first, then the unmasked ones, then those across the band's lower
     // edge (fwd_sm80.cu).
@@ -252,15 +258,15 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Pa
                 acc_o[mt][dt][2 * hh] = no_key ? 0.0 : acc_o[mt][dt][2 * hh] * inv_l;
                 acc_o[mt][dt][2 * hh + 1] = no_key ? 0.0 : acc_o[mt][dt][2 * hh + 1] * inv_l;
             }
-            if (ds == 0 && t == 0 && row < p.seqlen_q) {
+            if (ds == 0 && t == 0 && row < seqlen_q) {
                 const double val =
                     l > 0.0 ? 0.6931471805599453 * (state.m[mt][hh] + Num<double>::log2(l)) : Num<double>::neg_inf();
-                p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] = val;
+                p.lse[b * p.lse_sb + h * p.lse_sh + (static_cast<i64>(seq.q0) + row) * p.lse_ss] = val;
             }
         }
     // Each lane stores its own pairs: 8 rows x 4 lanes x 8 bytes per instruction fill whole 32-byte
     // sectors, as well coalesced as a staged store.
-    char* const o_base = static_cast<char*>(p.out) + (b * p.o_st.b + h * p.o_st.h) * 8;
-    store_acc<double>(acc_o, 1.0, o_base, p.o_st.s, p.o_st.d, row0 + rg * kWarpRows, p.seqlen_q, acc_col0, head_dim_v,
+    char* const o_base = static_cast<char*>(p.out) + (b * p.o_st.b + h * p.o_st.h + seq.q0 * p.o_st.s) * 8;
+    store_acc<double>(acc_o, 1.0, o_base, p.o_st.s, p.o_st.d, row0 + rg * kWarpRows, seqlen_q, acc_col0, head_dim_v,
                       false, lane);
 }

@@ -15,6 +15,7 @@
 //   SPLIT_Q     float32 only: 1 splits Q_i once into big/small planes in shared memory (twice the
 //               bytes of Q_i); 0 keeps Q_i as loaded and splits its fragments at every k8 step
 //   SCORE_MODS  score modifiers (attn/score_mod.cuh): bits 1 softcap, 2 ALiBi
+//   SEQ_MODE    0 dense, 1 ragged (packed or padded sequences, attn/seqlen.cuh)
 //   SMEM_BYTES  the launcher's dynamic shared memory, checked against the layout below
 //
 // Logits are log2(e) * mod(scale * q_i . k_j) on the keys the mask lets query i see. A row that sees
@@ -291,6 +292,7 @@ struct TileLoop {
     Tensor tk, tv;
     int n_last, n_tiles, seqlen_k, head_dim, head_dim_v, tid, lane;
     ScoreMod mod;
+    i64 mask_offset;  // the sequence's (ragged batches; dense ones read p.mask_offset)
 };
 
 // One K_j/V_j tile: S = Q_i K_j^T, logits, online softmax, O_i += P V_j. MASKED is a template
@@ -346,7 +348,7 @@ __device__ __forceinline__ void tile_step(const FwdParams& p, const TileLoop& c,
     // col0 + nt * 8 + e, e in {0, 1}.
     const int col0 = (c.n_last - it) * kBlockN + 2 * (c.lane & 3);
     // ALiBi distance i + offset - j of row_w and column col0 (exact as a float up to 2^24).
-    const float dist_w = kAlibi ? static_cast<float>(row_w + p.mask_offset - col0) : 0.f;
+    const float dist_w = kAlibi ? static_cast<float>(row_w + (kRagged ? c.mask_offset : p.mask_offset) - col0) : 0.f;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -408,23 +410,28 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
     const i64 b = work.b;
     const int h = work.h;
     const int row0 = work.tile * kBlockM;
-    const int row_end = row0 + kBlockM < p.seqlen_q ? row0 + kBlockM : p.seqlen_q;
-    const int seqlen_k = p.seqlen_k, head_dim = p.head_dim, head_dim_v = p.head_dim_v;
+    // The grid covers the longest sequence of a ragged batch: the shorter ones' tiles past their
+    // end have no rows (padding rows are the launcher's).
+    const Seq seq = Seq::of(p, b);
+    if (kRagged && row0 >= seq.seqlen_q) return;
+    const int seqlen_q = seq.seqlen_q;
+    const int row_end = row0 + kBlockM < seqlen_q ? row0 + kBlockM : seqlen_q;
+    const int seqlen_k = seq.seqlen_k, head_dim = p.head_dim, head_dim_v = p.head_dim_v;
 
-    const Tensor tq = Tensor::of(p.q, p.q_st, b, h, kElemBytes);
-    const Tensor tk = Tensor::of(p.k, p.k_st, b, work.h_kv, kElemBytes);
-    const Tensor tv = Tensor::of(p.v, p.v_st, b, work.h_kv, kElemBytes);
+    const Tensor tq = Tensor::of(p.q, p.q_st, b, h, kElemBytes, seq.q0);
+    const Tensor tk = Tensor::of(p.k, p.k_st, b, work.h_kv, kElemBytes, seq.k0);
+    const Tensor tv = Tensor::of(p.v, p.v_st, b, work.h_kv, kElemBytes, seq.k0);
 
     // The key tiles some row of Q_i sees, run from the last to the first (the diagonal's first
     // under a causal mask).
-    const Mask mask = Mask::of(p);
+    const Mask mask = Mask::of(p, seq);
     const TileRange range = mask.key_tiles<kBlockN>(row0, row_end);
     const int n_tiles = range.count(), n_last = range.end - 1;
 
 #if DTYPE == 3
     // With SPLIT_Q, Q_i lands where the K_j/V_j planes go and is split into its own planes.
     const u32 sQ_loaded = kSplitQ ? sKV : sQ;
-    load_tile<kBlockM>(sQ_loaded, tq, row0, p.seqlen_q, head_dim, tid);
+    load_tile<kBlockM>(sQ_loaded, tq, row0, seqlen_q, head_dim, tid);
     if constexpr (kSplitQ) {
         cp_async_commit();
         cp_async_wait<0>();
@@ -441,7 +448,7 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
     }
     cp_async_commit();
 #else
-    load_tile<kBlockM>(sQ, tq, row0, p.seqlen_q, head_dim, tid);
+    load_tile<kBlockM>(sQ, tq, row0, seqlen_q, head_dim, tid);
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
         if (s < n_tiles) {
@@ -471,7 +478,7 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
 
     const u32 sQ_frag = kSplitQ ? sQ + warp * kWarpRows * kHeadDim * 8 : sQ_warp;
     const TileLoop loop{sQ_frag, sKV, tk, tv, n_last, n_tiles, seqlen_k, head_dim, head_dim_v, tid, lane,
-                        ScoreMod::of(p, b, h)};
+                        ScoreMod::of(p, b, h), mask.offset};
     // Tiles wholly inside [full_lo, full_hi), the keys every row sees, need no mask. In descending
     // order the masked tiles (the Sk tail, the band's upper edge) come first, then the unmasked
     // ones, then those across the band's lower edge (a window): the outer loop runs at most twice,
@@ -498,7 +505,7 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
     // be); a row that does see keys keeps the arithmetic, 0/0 = NaN included when every logit it
     // sees is -inf.
     int live_lo, live_hi;
-    Mask::of(p).live_queries(live_lo, live_hi);
+    Mask::of(p, seq).live_queries(live_lo, live_hi);
     float inv_l[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
@@ -512,9 +519,9 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
                 for (int dt = 0; dt < kDTiles; ++dt) acc_o[mt][dt][2 * hh] = acc_o[mt][dt][2 * hh + 1] = 0.f;
                 inv_l[mt][hh] = 0.f;
             }
-            if (t == 0 && row < p.seqlen_q) {
+            if (t == 0 && row < seqlen_q) {
                 const float val = l > 0.f ? 0.6931471805599453f * (state.m[mt][hh] + log2_approx(l)) : neg_inf();
-                p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] = val;
+                p.lse[b * p.lse_sb + h * p.lse_sh + (static_cast<i64>(seq.q0) + row) * p.lse_ss] = val;
             }
         }
 
@@ -538,7 +545,7 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
             }
     __syncwarp();  // this warp's staged rows are complete before its lanes read across them
 
-    char* const o_base = static_cast<char*>(p.out) + (b * p.o_st.b + h * p.o_st.h) * kElemBytes;
+    char* const o_base = static_cast<char*>(p.out) + (b * p.o_st.b + h * p.o_st.h + seq.q0 * p.o_st.s) * kElemBytes;
     constexpr int kOutIters = (kWarpRows * kRowChunks + 31) / 32;
 #pragma unroll
     for (int it = 0; it < kOutIters; ++it) {
@@ -546,7 +553,7 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
         const int r = c / kRowChunks;
         const int col0 = (c % kRowChunks) * kChunkElems;
         const int row = row0 + warp * kWarpRows + r;
-        if (r >= kWarpRows || row >= p.seqlen_q || col0 >= head_dim_v) continue;
+        if (r >= kWarpRows || row >= seqlen_q || col0 >= head_dim_v) continue;
         u32 w[4];
         lds_128(sQ_warp + r * kRowBytes + col0 * kElemBytes, w[0], w[1], w[2], w[3]);
         char* const o_row = o_base + static_cast<i64>(row) * p.o_st.s * kElemBytes;

@@ -7,6 +7,7 @@ to every compiled program (the compile gate included), so the two definitions ca
 """
 
 import functools
+from dataclasses import dataclass
 
 import numpy
 
@@ -33,6 +34,8 @@ def _fwd_dtype(acc):
         ("seqlen_q", _I32), ("seqlen_k", _I32), ("head_dim", _I32), ("head_dim_v", _I32),
         ("scale", acc), ("scale_log2", acc), ("softcap_in", acc), ("softcap_out", acc),
         ("num_m_blocks", _I32), ("vec_out", _I32),
+        ("cu_seqlens_q", _PTR), ("cu_seqlens_k", _PTR), ("seqused_q", _PTR), ("seqused_k", _PTR),
+        ("mask_bottom_right", _I32),
     ], align=True)
 
 
@@ -141,10 +144,36 @@ def accum_dtype_of(problem):
     return numpy.dtype(_F64 if problem.dtype == _F64 else _F32)
 
 
-def forward(problem, q, k, v, out, lse, slopes, num_m_blocks, vec_out):
+@dataclass(frozen=True)
+class Ragged:
+    """A ragged batch as the kernels take it (``cuda_src/attn/seqlen.cuh``, SEQ_MODE 1): ``batch``
+    sequences of at most ``max_seqlen_q`` queries and ``max_seqlen_k`` keys (the grid's sizes),
+    packed (``cu_seqlens_q/k`` on the device; operands seen as one batch element, whose batch
+    strides the kernels do not use) or padded (BSHD, with ``seqused_q/k`` where given), the mask of
+    each sequence aligned bottom-right (offset Sk_b − Sq_b) or top-left. The device arrays
+    themselves are pointers filled per call (RAGGED_POINTERS, in that order)."""
+
+    batch: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    packed: bool
+    bottom_right: bool
+
+
+RAGGED_POINTERS = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")
+
+
+def _unbatched(st):
+    """Strides of a packed operand seen as one batch element: the batch stride is never used."""
+    return (0,) + tuple(st)[1:]
+
+
+def forward(problem, q, k, v, out, lse, slopes, num_m_blocks, vec_out, ragged=None):
     """The FwdParams of ``problem`` over these CuPy arrays (lse (B, Hq, Sq) in the accumulator type;
     slopes contiguous float32 or None), as the NumPy scalar CuPy passes by value: FwdParamsOf<double>
-    (FWD64) for float64 problems, whose score constants keep double precision."""
+    (FWD64) for float64 problems, whose score constants keep double precision. With ``ragged``
+    (a ``Ragged``; packed operands as (1, total, H, .) and lse as (1, Hq, total)), the grid's batch
+    and lengths are its, and the mask's alignment is per sequence."""
     p = numpy.zeros((), FWD64 if accum_dtype_of(problem) == _F64 else FWD)
     p["q"], p["k"], p["v"], p["out"], p["lse"] = (pointer(x) for x in (q, k, v, out, lse))
     p["alibi_slopes"] = pointer(slopes)
@@ -165,18 +194,29 @@ def forward(problem, q, k, v, out, lse, slopes, num_m_blocks, vec_out):
         p["softcap_out"] = problem.softcap * _LOG2E
     p["num_m_blocks"] = num_m_blocks
     p["vec_out"] = int(vec_out)
+    if ragged is not None:
+        p["batch"], p["seqlen_q"], p["seqlen_k"] = ragged.batch, ragged.max_seqlen_q, ragged.max_seqlen_k
+        p["mask_offset"] = 0
+        p["mask_bottom_right"] = int(ragged.bottom_right)
+        if ragged.packed:
+            for field in ("q_st", "k_st", "v_st", "o_st"):
+                p[field] = _unbatched(p[field][()].tolist())
+            p["lse_sb"] = 0
     return p[()]
 
 
 def backward(fwd, dout, l2, dsum, dq_accum, dq, dk, dv, dk_strides, dv_strides, dk_split, dv_split, seqlen_q_pad,
-             heads_per_split, splits, n_tiles, vec_in, f32_out):
+             heads_per_split, splits, n_tiles, vec_in, f32_out, packed=False):
     """The BwdParams around a forward's FwdParams ``fwd`` (strides of dk/dv given, as they may be
-    partial sums in the accumulator type); BWD64 around an FWD64 record."""
+    partial sums in the accumulator type); BWD64 around an FWD64 record. ``packed``: dout and dq are
+    packed operands seen as one batch element (``Ragged``)."""
     p = numpy.zeros((), BWD64 if fwd.dtype == FWD64 else BWD)
     p["fwd"] = fwd
     p["dout"], p["l2"], p["dsum"], p["dq_accum"], p["dq"], p["dk"], p["dv"] = (
         pointer(x) for x in (dout, l2, dsum, dq_accum, dq, dk, dv))
     p["do_st"], p["dq_st"] = strides(dout), strides(dq)
+    if packed:
+        p["do_st"], p["dq_st"] = _unbatched(strides(dout)), _unbatched(strides(dq))
     p["dk_st"], p["dv_st"] = dk_strides, dv_strides
     p["dk_split"], p["dv_split"] = dk_split, dv_split
     p["seqlen_q_pad"], p["heads_per_split"], p["splits"], p["n_tiles"] = seqlen_q_pad, heads_per_split, splits, n_tiles

@@ -87,6 +87,13 @@ def require(features, problem, what):
         raise BackendUnavailableError(f"{what} does not serve {', '.join(sorted(missing))}")
 
 
+# SEQ_MODE of the attention kernels (cuda_src/attn/seqlen.cuh): dense batches, or ragged ones whose
+# sequences' places and lengths the kernel reads from device arrays (packed cu_seqlens, padded
+# seqused). Every forward, dK/dV and dQ variant exists in both; the aux kernels serve both as one.
+SEQ_DENSE, SEQ_RAGGED = 0, 1
+SEQ_MODES = (SEQ_DENSE, SEQ_RAGGED)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward: kernels/fwd_sm80.cu (mma.sync; every family). A CTA owns block_m queries Q_i and streams
 # key tiles of block_n.
@@ -238,18 +245,19 @@ def fwd_source(tile):
     return FWD_F64_SOURCE if isinstance(tile, F64FwdTile) else FWD_SOURCE
 
 
-def fwd_defines(tile, bucket, dtype_name, vec_load, mods):
+def fwd_defines(tile, bucket, dtype_name, vec_load, mods, seq_mode=SEQ_DENSE):
     """The ``#define`` block of one forward instantiation."""
     if isinstance(tile, F64FwdTile):
         return {"HEAD_DIM": bucket, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "NUM_WARPS": tile.warps,
                 "SPLIT_D": tile.split_d, "MIN_BLOCKS": tile.min_blocks, "MAX_REGS": tile.max_regs,
                 "DTYPE": DTYPE_CODES[dtype_name], "VEC_LOAD": int(vec_load), "SCORE_MODS": mods,
-                "SMEM_BYTES": tile.smem_bytes(bucket)}
+                "SMEM_BYTES": tile.smem_bytes(bucket), "SEQ_MODE": seq_mode}
     return {
         "HEAD_DIM": bucket, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "NUM_WARPS": tile.warps,
         "STAGES": tile.stages, "MIN_BLOCKS": tile.min_blocks, "MAX_REGS": tile.max_regs,
         "DTYPE": DTYPE_CODES[dtype_name], "VEC_LOAD": int(vec_load), "SPLIT_Q": int(tile.split_q),
         "SCORE_MODS": mods, "SMEM_BYTES": tile.smem_bytes(bucket, numpy.dtype(_NP[dtype_name]).itemsize),
+        "SEQ_MODE": seq_mode,
     }
 
 
@@ -497,29 +505,40 @@ BWD_SPILL_TILES = {
     ('sm90', 'float32', 224, 3, 'dkdv_atomic'): _R(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=0, split_stream=False),
 }
 
+# Ragged dK/dV variants (SEQ_MODE 1) hold their sequence's offsets and lengths across the loop; where
+# that spills at the dense variant's tile (with both score modifiers, measured by the compile gate),
+# two k16 steps of S^T and dP^T unrolled at a time instead of all of them fit.
+RAGGED_SPILL_TILES = {
+    ('sm80', '16bit', 64, 3, 'dkdv_atomic'): replace(BWD_TILES[('sm80', '16bit')][64].dkdv, kk_unroll=2),
+    ('sm90', 'float64', 64, 3, 'dkdv_atomic'): replace(BWD_TILES[('sm90', 'float64')][64].dkdv, kk_unroll=2),
+    ('sm90', 'float64', 64, 3, 'dkdv'): replace(BWD_TILES[('sm90', 'float64')][64].dkdv, kk_unroll=2),
+}
 
-def bwd_entry(fam, dtype_name, head_dim, head_dim_v, mods=0):
-    """``(entry, bucket)`` of the backward for a family, dtype, head dims and SCORE_MODS; the entry's
-    dK/dV tile is the atomic variant's (``dkdv_tile`` gives either)."""
+
+def bwd_entry(fam, dtype_name, head_dim, head_dim_v, mods=0, seq_mode=SEQ_DENSE):
+    """``(entry, bucket)`` of the backward for a family, dtype, head dims, SCORE_MODS and SEQ_MODE;
+    the entry's dK/dV tile is the atomic variant's (``dkdv_tile`` gives either)."""
     kind_name = kind(dtype_name)
     bucket = head_dim_bucket(head_dim, head_dim_v)
     base = BWD_TILES[(fam, kind_name)][bucket]
     dq = BWD_SPILL_TILES.get((fam, kind_name, bucket, mods, "dq"), base.dq)
-    return BwdEntry(dkdv_tile(fam, dtype_name, bucket, mods, True), dq), bucket
+    return BwdEntry(dkdv_tile(fam, dtype_name, bucket, mods, True, seq_mode), dq), bucket
 
 
-def dkdv_tile(fam, dtype_name, bucket, mods, dq_atomic):
+def dkdv_tile(fam, dtype_name, bucket, mods, dq_atomic, seq_mode=SEQ_DENSE):
     """The dK/dV tile of one variant."""
     kind_name = kind(dtype_name)
     role = "dkdv_atomic" if dq_atomic else "dkdv"
-    return BWD_SPILL_TILES.get((fam, kind_name, bucket, mods, role), BWD_TILES[(fam, kind_name)][bucket].dkdv)
+    key = (fam, kind_name, bucket, mods, role)
+    dense = BWD_SPILL_TILES.get(key, BWD_TILES[(fam, kind_name)][bucket].dkdv)
+    return RAGGED_SPILL_TILES.get(key, dense) if seq_mode == SEQ_RAGGED else dense
 
 
-def dkdv_defines(tile, bucket, dtype_name, dq_atomic, mods):
+def dkdv_defines(tile, bucket, dtype_name, dq_atomic, mods, seq_mode=SEQ_DENSE):
     """The ``#define`` block of one dK/dV instantiation. SMEM_BYTES is the dynamic shared memory
     the launcher will give it; the kernel checks it against its layout."""
     common = {"HEAD_DIM": bucket, "DQ_ATOMIC": int(dq_atomic), "DTYPE": DTYPE_CODES[dtype_name],
-              "SCORE_MODS": mods, "MIN_BLOCKS": tile.min_blocks, "STAGES": tile.stages,
+              "SCORE_MODS": mods, "MIN_BLOCKS": tile.min_blocks, "STAGES": tile.stages, "SEQ_MODE": seq_mode,
               "SMEM_BYTES": tile.smem_bytes(bucket, elem_bytes(dtype_name), True, dq_atomic)}
     if isinstance(tile, WgTile):
         return {**common, "BLOCK_M": tile.block_m, "WARPGROUPS": tile.warpgroups}
@@ -530,9 +549,10 @@ def dkdv_defines(tile, bucket, dtype_name, dq_atomic, mods):
     return {**common, **_rows_defines(tile, bucket, True)}
 
 
-def dq_defines(tile, bucket, dtype_name, mods):
+def dq_defines(tile, bucket, dtype_name, mods, seq_mode=SEQ_DENSE):
     """The ``#define`` block of one dQ-kernel instantiation."""
     return {"HEAD_DIM": bucket, "DTYPE": DTYPE_CODES[dtype_name], "SCORE_MODS": mods, "MIN_BLOCKS": tile.min_blocks,
+            "SEQ_MODE": seq_mode,
             "STAGES": tile.stages, "SMEM_BYTES": tile.smem_bytes(bucket, elem_bytes(dtype_name), False, False),
             "DQ_ATOMIC": 0, **_rows_defines(tile, bucket, False)}
 
@@ -634,18 +654,20 @@ def instantiations(fam=None):
                 for mods in SCORE_MOD_SETS:
                     for vec in (1, 0):
                         tile, _ = fwd_tile(f, name, bucket, bucket, mods, vec)
-                        add((fwd_source(tile), FWD_KERNEL, fwd_defines(tile, bucket, name, vec, mods)))
+                        for seq in SEQ_MODES:
+                            add((fwd_source(tile), FWD_KERNEL, fwd_defines(tile, bucket, name, vec, mods, seq)))
     for (f, kind_name), table in BWD_TILES.items():
         if fam is not None and f != fam:
             continue
         for bucket in table:
             for name in dtypes_of(kind_name):
                 for mods in SCORE_MOD_SETS:
-                    for atomic in (True, False):
-                        tile = dkdv_tile(f, name, bucket, mods, atomic)
-                        add((dkdv_source(tile), DKDV_KERNEL, dkdv_defines(tile, bucket, name, atomic, mods)))
-                    entry, _ = bwd_entry(f, name, bucket, bucket, mods)
-                    add((dq_source(entry.dq), DQ_KERNEL, dq_defines(entry.dq, bucket, name, mods)))
+                    for seq in SEQ_MODES:
+                        for atomic in (True, False):
+                            tile = dkdv_tile(f, name, bucket, mods, atomic, seq)
+                            add((dkdv_source(tile), DKDV_KERNEL, dkdv_defines(tile, bucket, name, atomic, mods, seq)))
+                        entry, _ = bwd_entry(f, name, bucket, bucket, mods, seq)
+                        add((dq_source(entry.dq), DQ_KERNEL, dq_defines(entry.dq, bucket, name, mods, seq)))
     for name in DTYPE_CODES:
         add((AUX_SOURCE, PREPROCESS_KERNEL, aux_defines(name)))
         add((AUX_SOURCE, CONVERT_KERNEL, aux_defines(name)))
