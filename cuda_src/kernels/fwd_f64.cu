@@ -243,8 +243,11 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Pa
     // the mask's live queries) writes O = 0 whatever V holds (its P is 0, but 0 times a NaN would not
     // be); a row that does see keys keeps the arithmetic, 0/0 = NaN included when every logit it
     // sees is -inf. The SPLIT_D warps of a row group hold the same m_i, l_i; the first writes the LSE.
+    // A ragged sequence's place and lengths are read again here rather than held in registers
+    // across the loop (fwd_sm80.cu).
+    const Seq seq_out = kRagged ? Seq::of(p, fresh(static_cast<u32>(b))) : seq;
     int live_lo, live_hi;
-    mask.live_queries(live_lo, live_hi);
+    Mask::of(p, seq_out).live_queries(live_lo, live_hi);
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -258,15 +261,15 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Pa
                 acc_o[mt][dt][2 * hh] = no_key ? 0.0 : acc_o[mt][dt][2 * hh] * inv_l;
                 acc_o[mt][dt][2 * hh + 1] = no_key ? 0.0 : acc_o[mt][dt][2 * hh + 1] * inv_l;
             }
-            if (ds == 0 && t == 0 && row < seqlen_q) {
+            if (ds == 0 && t == 0 && row < seq_out.seqlen_q) {
                 const double val =
                     l > 0.0 ? 0.6931471805599453 * (state.m[mt][hh] + Num<double>::log2(l)) : Num<double>::neg_inf();
-                p.lse[b * p.lse_sb + h * p.lse_sh + (static_cast<i64>(seq.q0) + row) * p.lse_ss] = val;
+                p.lse[b * p.lse_sb + h * p.lse_sh + (static_cast<i64>(seq_out.q0) + row) * p.lse_ss] = val;
             }
         }
     // Each lane stores its own pairs: 8 rows x 4 lanes x 8 bytes per instruction fill whole 32-byte
     // sectors, as well coalesced as a staged store.
-    char* const o_base = static_cast<char*>(p.out) + (b * p.o_st.b + h * p.o_st.h + seq.q0 * p.o_st.s) * 8;
-    store_acc<double>(acc_o, 1.0, o_base, p.o_st.s, p.o_st.d, row0 + rg * kWarpRows, seqlen_q, acc_col0, head_dim_v,
+    char* const o_base = static_cast<char*>(p.out) + (b * p.o_st.b + h * p.o_st.h + seq_out.q0 * p.o_st.s) * 8;
+    store_acc<double>(acc_o, 1.0, o_base, p.o_st.s, p.o_st.d, row0 + rg * kWarpRows, seq_out.seqlen_q, acc_col0, head_dim_v,
                       false, lane);
 }

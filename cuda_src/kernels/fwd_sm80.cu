@@ -504,8 +504,11 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
     // the mask's live queries) writes O = 0 whatever V holds (its P is 0, but 0 times a NaN would not
     // be); a row that does see keys keeps the arithmetic, 0/0 = NaN included when every logit it
     // sees is -inf.
+    // A ragged sequence's place and lengths are read again here rather than held in registers
+    // across the loop (through an index the compiler cannot match with the first reads).
+    const Seq seq_out = kRagged ? Seq::of(p, fresh(static_cast<u32>(b))) : seq;
     int live_lo, live_hi;
-    Mask::of(p, seq).live_queries(live_lo, live_hi);
+    Mask::of(p, seq_out).live_queries(live_lo, live_hi);
     float inv_l[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
@@ -519,9 +522,9 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
                 for (int dt = 0; dt < kDTiles; ++dt) acc_o[mt][dt][2 * hh] = acc_o[mt][dt][2 * hh + 1] = 0.f;
                 inv_l[mt][hh] = 0.f;
             }
-            if (t == 0 && row < seqlen_q) {
+            if (t == 0 && row < seq_out.seqlen_q) {
                 const float val = l > 0.f ? 0.6931471805599453f * (state.m[mt][hh] + log2_approx(l)) : neg_inf();
-                p.lse[b * p.lse_sb + h * p.lse_sh + (static_cast<i64>(seq.q0) + row) * p.lse_ss] = val;
+                p.lse[b * p.lse_sb + h * p.lse_sh + (static_cast<i64>(seq_out.q0) + row) * p.lse_ss] = val;
             }
         }
 
@@ -545,7 +548,7 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
             }
     __syncwarp();  // this warp's staged rows are complete before its lanes read across them
 
-    char* const o_base = static_cast<char*>(p.out) + (b * p.o_st.b + h * p.o_st.h + seq.q0 * p.o_st.s) * kElemBytes;
+    char* const o_base = static_cast<char*>(p.out) + (b * p.o_st.b + h * p.o_st.h + seq_out.q0 * p.o_st.s) * kElemBytes;
     constexpr int kOutIters = (kWarpRows * kRowChunks + 31) / 32;
 #pragma unroll
     for (int it = 0; it < kOutIters; ++it) {
@@ -553,7 +556,7 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
         const int r = c / kRowChunks;
         const int col0 = (c % kRowChunks) * kChunkElems;
         const int row = row0 + warp * kWarpRows + r;
-        if (r >= kWarpRows || row >= seqlen_q || col0 >= head_dim_v) continue;
+        if (r >= kWarpRows || row >= seq_out.seqlen_q || col0 >= head_dim_v) continue;
         u32 w[4];
         lds_128(sQ_warp + r * kRowBytes + col0 * kElemBytes, w[0], w[1], w[2], w[3]);
         char* const o_row = o_base + static_cast<i64>(row) * p.o_st.s * kElemBytes;
