@@ -3,6 +3,7 @@
     python bench/bench_numpy.py            # N = 1k, 2k, 4k, 8k, 16k
     python bench/bench_numpy.py --quick    # N = 1k, 2k, 4k
     python bench/bench_numpy.py --long     # also the B=1, H=8, N=32k, D=64 forward
+    python bench/bench_numpy.py --memory   # also peak memory of broadcast 16-bit inputs, large dk/dv, B·H >> 512
 
 The naive computation materializes S = Q Kᵀ in float32 (B·H·N² elements) and is skipped where
 that would pass ``--naive-limit-gb``. Peak memory is what tracemalloc sees NumPy allocate
@@ -51,6 +52,7 @@ def main():
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--naive-limit-gb", type=float, default=6.0)
+    parser.add_argument("--memory", action="store_true", help="also the peak-memory cases (a few minutes)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
 
@@ -80,9 +82,50 @@ def main():
         t, m = measure(lambda: cuflash.attention(q, k, v, backend="numpy"), 1)
         print(f"B=1 H=8 N={n} D=64: {t:.1f} s, peak {m / 2**20:.0f} MiB (S alone would be {8 * n * n * 4 / 2**30:.0f} GiB)")
         rows.append(dict(n=n, heads=8, head_dim=64, cuflash_s=t, cuflash_peak_bytes=m))
+    if args.memory:
+        rows.extend(memory_rows(rng))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def memory_rows(rng):
+    """Peak memory beyond the results in the cases that once copied whole inputs or kept whole
+    accumulators: a broadcast float16 input (read in place, converted tile by tile), a backward
+    whose dk + dv dominate (accumulated a key tile at a time), and B·Hq far beyond one tile (heads
+    split into chunks)."""
+    S = 1 << 16
+    q16 = numpy.broadcast_to(rng.standard_normal((1, 1, 8, 64)).astype(numpy.float16), (1, S, 8, 64))
+    kv16 = rng.standard_normal((1, 2048, 8, 64)).astype(numpy.float16)
+    q32 = rng.standard_normal((1, 512, 8, 64)).astype(numpy.float32)
+    k32 = rng.standard_normal((1, 1 << 17, 8, 64)).astype(numpy.float32)
+    out32, lse32 = cuflash.attention(q32, k32, k32, return_lse=True, backend="numpy")
+    dout32 = rng.standard_normal(out32.shape).astype(numpy.float32)
+    half = [x.astype(numpy.float16) for x in (dout32, q32, k32, out32)]
+    many = rng.standard_normal((16, 256, 256, 1)).astype(numpy.float32)
+    cases = [
+        ("fwd float16 broadcast q (1, 2^16, 8, 64) against 2048 keys",
+         lambda: cuflash.attention(q16, kv16, kv16, backend="numpy")),
+        ("bwd float32 Sq 512, Sk 2^17, H 8, D 64",
+         lambda: cuflash.attention_backward(dout32, q32, k32, k32, out32, lse32, backend="numpy")),
+        ("bwd float16 Sq 512, Sk 2^17, H 8, D 64",
+         lambda: cuflash.attention_backward(half[0], half[1], half[2], half[2], half[3], lse32, backend="numpy")),
+        ("fwd float32 B·H = 4096, S = 256, D = 1", lambda: cuflash.attention(many, many, many, backend="numpy")),
+    ]
+    rows = []
+    print(f"{'case':<56} {'s':>7} {'results MiB':>12} {'peak MiB':>9} {'extra MiB':>10}")
+    for name, call in cases:
+        start = time.perf_counter()
+        tracemalloc.start()
+        results = call()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        seconds = time.perf_counter() - start
+        results = results if isinstance(results, tuple) else (results,)
+        size = sum(r.nbytes for r in results)
+        print(f"{name:<56} {seconds:7.1f} {size / 2**20:12.1f} {peak / 2**20:9.1f} {(peak - size) / 2**20:10.1f}")
+        rows.append(dict(case=name, seconds=seconds, result_bytes=size, peak_bytes=peak))
+    return rows
 
 
 if __name__ == "__main__":
