@@ -137,27 +137,35 @@ def _call_forward(q, k, v, slopes, config):
     return call(q, k, v) if slopes is None else call(q, k, v, slopes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, slopes, config):
-    return _call_forward(q, k, v, slopes, config)[0]
+def _differentiable(forward_call, backward_call):
+    """Attention (q, k, v, extra, config) -> out with ``jax.custom_vjp``: ``forward_call`` gives
+    (out, lse), ``backward_call(config, q, k, v, extra, out, lse, dout)`` gives (dq, dk, dv). ``extra``
+    holds the operands that get no gradient (the ALiBi slopes; a ragged call's offsets or lengths)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def attend(q, k, v, extra, config):
+        return forward_call(q, k, v, extra, config)[0]
+
+    def forward(q, k, v, extra, config):
+        out, lse = forward_call(q, k, v, extra, config)
+        return out, (q, k, v, extra, out, lse)
+
+    def backward(config, saved, dout):
+        dq, dk, dv = backward_call(config, *saved, dout)
+        return dq, dk, dv, jax.tree_util.tree_map(lambda _: None, saved[3])
+
+    attend.defvjp(forward, backward)
+    return attend
 
 
-def _attention_forward(q, k, v, slopes, config):
-    out, lse = _call_forward(q, k, v, slopes, config)
-    return out, (q, k, v, slopes, out, lse)
-
-
-def _attention_backward(config, saved, dout):
-    q, k, v, slopes, out, lse = saved
+def _call_backward(config, q, k, v, slopes, out, lse, dout):
     result = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     call = buffer_callback(_callbacks(config)[1], result, vmap_method="broadcast_all")
     operands = (dout, q, k, v, out, lse)
-    dq, dk, dv = call(*operands) if slopes is None else call(*operands, slopes)
-    # The slopes get no gradient.
-    return dq, dk, dv, None
+    return call(*operands) if slopes is None else call(*operands, slopes)
 
 
-_attention.defvjp(_attention_forward, _attention_backward)
+_attention = _differentiable(_call_forward, _call_backward)
 
 
 def _checked(q, k, v, alibi_slopes, causal, causal_alignment, window, softcap, scale, deterministic):
@@ -275,28 +283,15 @@ def _ragged_forward_call(q, k, v, extras, config):
     return buffer_callback(callback, result, vmap_method="sequential")(q, k, v, *extras)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _ragged_attention(q, k, v, extras, config):
-    return _ragged_forward_call(q, k, v, extras, config)[0]
-
-
-def _ragged_attention_forward(q, k, v, extras, config):
-    out, lse = _ragged_forward_call(q, k, v, extras, config)
-    return out, (q, k, v, extras, out, lse)
-
-
-def _ragged_attention_backward(config, saved, dout):
-    q, k, v, extras, out, lse = saved
+def _ragged_backward_call(config, q, k, v, extras, out, lse, dout):
     kind, names, options, deterministic = _ragged_options(config)
     result = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     callback = functools.partial(_ragged_callback, (kind, "backward"), ("dout", "q", "k", "v", "out", "lse") + names,
                                  tuple(options.items()) + (("deterministic", deterministic),))
-    dq, dk, dv = buffer_callback(callback, result, vmap_method="sequential")(dout, q, k, v, out, lse, *extras)
-    # The offsets or lengths and the slopes get no gradient.
-    return dq, dk, dv, tuple(None for _ in extras)
+    return buffer_callback(callback, result, vmap_method="sequential")(dout, q, k, v, out, lse, *extras)
 
 
-_ragged_attention.defvjp(_ragged_attention_forward, _ragged_attention_backward)
+_ragged_attention = _differentiable(_ragged_forward_call, _ragged_backward_call)
 
 
 def _ragged(q, k, v, extras, config):
