@@ -33,6 +33,14 @@ def _on_gpu(backend, origin, problem, what):
     if backend == "numpy" or (backend == "auto" and not origin.on_gpu):
         return False
     reason = _dispatch.BACKENDS["cuda"].refusal(problem)
+    if reason is None:
+        from ._cuda import runtime, variants
+
+        family = variants.family(*runtime.compute_capability())
+        if not variants.ragged_served(family, problem.dtype.name, problem.head_dim, problem.head_dim_v,
+                                      variants.score_mods(problem)):
+            reason = (f"the ragged kernels do not serve {problem.dtype.name} at head dim {problem.head_dim} with "
+                      f"these score modifiers on this GPU")
     if reason is not None and backend == "cuda":
         raise BackendUnavailableError(f"backend='cuda' cannot run {what}: {reason}")
     return reason is None

@@ -112,3 +112,20 @@ def test_window_sides_beyond_the_unbounded_value_clamp(size):
     side = params.window_side(size)
     assert side == (params.UNBOUNDED if size is None or size > params.UNBOUNDED else size)
     numpy.zeros((), params.FWD)["window_left"] = side  # fits the int64 field
+
+
+def test_ragged_tables_name_real_entries():
+    """The ragged (SEQ_MODE 1) spill tables and the unserved set refer to entries of the main tables,
+    and an unserved configuration has no ragged instantiation."""
+    for (family, kind, bucket, mods, vec), tile in variants.RAGGED_FWD_SPILL_TILES.items():
+        assert bucket in variants.FWD_TILES[(family, kind)] and mods in variants.SCORE_MOD_SETS
+        assert tile.smem_bytes(bucket, 4 if kind == "float32" else 2) <= variants.SMEM_LIMITS[family]
+    for (family, kind, bucket, mods, role) in variants.RAGGED_SPILL_TILES:
+        assert bucket in variants.BWD_TILES[(family, kind)] and mods in variants.SCORE_MOD_SETS
+        assert role in ("dkdv", "dkdv_atomic", "dq")
+    for family, kind, bucket, mods in variants.RAGGED_FWD_UNSERVED:
+        dtype = "float32" if kind == "float32" else "float16"
+        assert not variants.ragged_served(family, dtype, bucket, bucket, mods)
+        assert not [d for _, name, d in variants.instantiations(family)
+                    if name == variants.FWD_KERNEL and d.get("SEQ_MODE") == variants.SEQ_RAGGED
+                    and (d["HEAD_DIM"], d["SCORE_MODS"], d["DTYPE"]) == (bucket, mods, variants.DTYPE_CODES[dtype])]

@@ -76,7 +76,9 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __g
 // no key) are written as 0: their dS is 0, but 0 times a NaN in K would not be.
 // With cu_seqlens (packed queries: dst (1, total_q, H, dim)), row s of dst is row s + kWsRowPad * b
 // of the workspaces, b the sequence holding it (attn/seqlen.cuh's ws_row0).
-extern "C" __global__ void __launch_bounds__(256)
+// At least 4 CTAs per SM: 64 registers. Without a bound ptxas aims at full occupancy (32 registers)
+// and spills the float64 variant.
+extern "C" __global__ void __launch_bounds__(256, 4)
 flash_bwd_convert(const Accum* __restrict__ src, i64 split_stride, i64 src_sh, i64 src_ss, int splits,
                   void* __restrict__ dst, i64 d_sb, i64 d_ss, i64 d_sh, i64 d_sd, int heads, int seqlen, int dim,
                   Accum scale, i64 rows, const Accum* __restrict__ l2, i64 l2_sh, const int* __restrict__ cu_seqlens,

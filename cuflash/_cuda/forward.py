@@ -32,11 +32,11 @@ def supported(problem):
     return True, ""
 
 
-def choose_tile(problem, vec_load=True, device_id=None):
+def choose_tile(problem, vec_load=True, device_id=None, seq_mode=variants.SEQ_DENSE):
     """The table's tile, bucket and family for ``problem`` on the given (or current) device."""
     fam = variants.family(*runtime.compute_capability(device_id))
     tile, bucket = variants.fwd_tile(fam, numpy.dtype(problem.dtype).name, problem.head_dim, problem.head_dim_v,
-                                     variants.score_mods(problem), vec_load)
+                                     variants.score_mods(problem), vec_load, seq_mode)
     return tile, bucket, fam
 
 
@@ -114,9 +114,9 @@ def _plan(q, k, v, out, lse, problem, tile, ragged):
     with cupy.cuda.Device(q.device.id):
         name = numpy.dtype(problem.dtype).name
         vec_load = runtime.vector_rows(q, k, v)  # by shape: operands whose layout cannot were copied
-        chosen, bucket, _ = choose_tile(problem, vec_load, q.device.id)
-        tile = tile or chosen
         seq_mode = variants.SEQ_DENSE if ragged is None else variants.SEQ_RAGGED
+        chosen, bucket, _ = choose_tile(problem, vec_load, q.device.id, seq_mode)
+        tile = tile or chosen
         defines = variants.fwd_defines(tile, bucket, name, vec_load, variants.score_mods(problem), seq_mode)
         kernel = runtime.get_kernel(variants.fwd_source(tile), variants.FWD_KERNEL, defines)
         num_m = math.ceil(Sq / tile.block_m)

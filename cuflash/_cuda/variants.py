@@ -231,13 +231,62 @@ FWD_TILES[("sm80", "float64")] = {
 }
 
 
-def fwd_tile(fam, dtype_name, head_dim, head_dim_v, mods=0, vec=True):
-    """``(tile, bucket)`` of the forward for a family, dtype, head dims, SCORE_MODS and load path."""
+# Tiles of ragged forward variants (SEQ_MODE 1) that spill with the dense variant's tile: the
+# sequence's place and lengths take registers the tightest tiles do not have. Key as FWD_SPILL_TILES.
+RAGGED_FWD_SPILL_TILES = {
+    ('sm80', '16bit', 96, 2, False): _F(block_m=128, block_n=64, warps=4, stages=2, min_blocks=1, max_regs=255, split_q=False),
+    ('sm80', 'float32', 192, 0, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=255, split_q=False),
+    ('sm80', 'float32', 192, 1, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=255, split_q=False),
+    ('sm80', 'float32', 192, 2, False): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=152, split_q=False),
+    ('sm80', 'float32', 192, 3, False): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=152, split_q=False),
+    ('sm80', 'float32', 256, 0, True): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=200, split_q=False),
+    ('sm80', 'float32', 256, 1, True): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=200, split_q=False),
+    ('sm80', 'float32', 256, 2, True): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=200, split_q=False),
+    ('sm80', 'float32', 256, 3, True): _F(block_m=32, block_n=8, warps=2, stages=2, min_blocks=1, max_regs=200, split_q=False),
+    ('sm90', '16bit', 128, 1, False): _F(block_m=128, block_n=32, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', '16bit', 128, 3, False): _F(block_m=128, block_n=32, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', '16bit', 64, 0, True): _F(block_m=128, block_n=64, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', '16bit', 64, 1, True): _F(block_m=128, block_n=64, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', '16bit', 64, 2, True): _F(block_m=128, block_n=64, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', '16bit', 96, 2, False): _F(block_m=128, block_n=32, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 160, 2, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 160, 3, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 2, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=176, split_q=False),
+    ('sm90', 'float32', 192, 3, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=152, split_q=False),
+    ('sm90', 'float32', 256, 0, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=200, split_q=False),
+    ('sm90', 'float32', 256, 1, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=200, split_q=False),
+    ('sm90', 'float32', 256, 2, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=200, split_q=False),
+    ('sm90', 'float32', 256, 2, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=188, split_q=False),
+    ('sm90', 'float32', 256, 3, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=200, split_q=False),
+    ('sm90', 'float32', 32, 0, True): _F(block_m=128, block_n=64, warps=8, stages=2, min_blocks=2, max_regs=255, split_q=False),
+    ('sm90', 'float32', 32, 1, True): _F(block_m=128, block_n=64, warps=8, stages=2, min_blocks=2, max_regs=255, split_q=False),
+}
+
+# Ragged forward variants that no tile serves spill-free (key: family, kind, bucket, SCORE_MODS):
+# such calls run on the NumPy backend (``ragged_served``).
+RAGGED_FWD_UNSERVED = {("sm90", "float32", 256, 3)}
+
+
+def ragged_served(fam, dtype_name, head_dim, head_dim_v, mods):
+    """Whether the ragged (SEQ_MODE 1) kernels serve this configuration."""
+    kind_name = kind(dtype_name)
+    table = FWD_TILES.get((fam, kind_name))
+    if table is None:
+        return True
+    bucket = head_dim_bucket(head_dim, head_dim_v, table)
+    return (fam, kind_name, bucket, mods) not in RAGGED_FWD_UNSERVED
+
+
+def fwd_tile(fam, dtype_name, head_dim, head_dim_v, mods=0, vec=True, seq_mode=SEQ_DENSE):
+    """``(tile, bucket)`` of the forward for a family, dtype, head dims, SCORE_MODS, load path and
+    SEQ_MODE."""
     kind_name = kind(dtype_name)
     table = FWD_TILES[(fam, kind_name)]
     bucket = head_dim_bucket(head_dim, head_dim_v, table)
     base = table[bucket] if vec else table[bucket].element_wise()
-    return FWD_SPILL_TILES.get((fam, kind_name, bucket, mods, bool(vec)), base), bucket
+    key = (fam, kind_name, bucket, mods, bool(vec))
+    dense = FWD_SPILL_TILES.get(key, base)
+    return (RAGGED_FWD_SPILL_TILES.get(key, dense) if seq_mode else dense), bucket
 
 
 def fwd_source(tile):
@@ -512,6 +561,24 @@ RAGGED_SPILL_TILES = {
     ('sm80', '16bit', 64, 3, 'dkdv_atomic'): replace(BWD_TILES[('sm80', '16bit')][64].dkdv, kk_unroll=2),
     ('sm90', 'float64', 64, 3, 'dkdv_atomic'): replace(BWD_TILES[('sm90', 'float64')][64].dkdv, kk_unroll=2),
     ('sm90', 'float64', 64, 3, 'dkdv'): replace(BWD_TILES[('sm90', 'float64')][64].dkdv, kk_unroll=2),
+    # Found by compiling the candidates in order (lower unroll, smaller tiles) until one was spill-free.
+    ('sm80', '16bit', 256, 2, 'dkdv_atomic'): _K(block_m=32, block_n=32, warps=4, warps_n_sdp=2, warps_n_dkv=2, warps_m_dq=2, stages=1, min_blocks=1, kk_unroll=1, dq_unroll=1),
+    ('sm90', '16bit', 128, 1, 'dkdv_atomic'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
+    ('sm90', '16bit', 128, 2, 'dkdv'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
+    ('sm90', '16bit', 128, 2, 'dkdv_atomic'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=1, dq_unroll=0),
+    ('sm90', '16bit', 32, 3, 'dkdv'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=1, dq_unroll=0),
+    ('sm90', '16bit', 96, 1, 'dkdv'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=4, dq_unroll=0),
+    ('sm90', '16bit', 96, 1, 'dkdv_atomic'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=4, dq_unroll=0),
+    ('sm90', 'float32', 128, 0, 'dkdv'): _R(block_m=16, block_n=32, warps=4, split_d=2, stages=2, min_blocks=1, kk_unroll=0, split_stream=False),
+    ('sm90', 'float32', 128, 1, 'dkdv'): _R(block_m=16, block_n=32, warps=4, split_d=2, stages=2, min_blocks=1, kk_unroll=0, split_stream=False),
+    ('sm90', 'float32', 128, 3, 'dkdv'): _R(block_m=16, block_n=32, warps=4, split_d=2, stages=2, min_blocks=1, kk_unroll=0, split_stream=False),
+    ('sm90', 'float64', 128, 3, 'dkdv'): F64RowsTile(block_m=16, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
+    ('sm90', 'float64', 128, 3, 'dkdv_atomic'): F64RowsTile(block_m=16, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
+    ('sm90', 'float64', 192, 1, 'dkdv_atomic'): F64RowsTile(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
+    ('sm90', 'float64', 192, 2, 'dkdv_atomic'): F64RowsTile(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
+    ('sm90', 'float64', 192, 3, 'dkdv'): F64RowsTile(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
+    ('sm90', 'float64', 96, 1, 'dkdv_atomic'): F64RowsTile(block_m=16, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
+    ('sm90', '16bit', 256, 2, 'dq'): _R(block_m=64, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
 }
 
 
@@ -521,7 +588,10 @@ def bwd_entry(fam, dtype_name, head_dim, head_dim_v, mods=0, seq_mode=SEQ_DENSE)
     kind_name = kind(dtype_name)
     bucket = head_dim_bucket(head_dim, head_dim_v)
     base = BWD_TILES[(fam, kind_name)][bucket]
-    dq = BWD_SPILL_TILES.get((fam, kind_name, bucket, mods, "dq"), base.dq)
+    key = (fam, kind_name, bucket, mods, "dq")
+    dq = BWD_SPILL_TILES.get(key, base.dq)
+    if seq_mode == SEQ_RAGGED:
+        dq = RAGGED_SPILL_TILES.get(key, dq)
     return BwdEntry(dkdv_tile(fam, dtype_name, bucket, mods, True, seq_mode), dq), bucket
 
 
@@ -653,8 +723,10 @@ def instantiations(fam=None):
             for name in dtypes_of(kind_name):
                 for mods in SCORE_MOD_SETS:
                     for vec in (1, 0):
-                        tile, _ = fwd_tile(f, name, bucket, bucket, mods, vec)
                         for seq in SEQ_MODES:
+                            if seq == SEQ_RAGGED and not ragged_served(f, name, bucket, bucket, mods):
+                                continue
+                            tile, _ = fwd_tile(f, name, bucket, bucket, mods, vec, seq)
                             add((fwd_source(tile), FWD_KERNEL, fwd_defines(tile, bucket, name, vec, mods, seq)))
     for (f, kind_name), table in BWD_TILES.items():
         if fam is not None and f != fam:
