@@ -554,14 +554,13 @@ BWD_SPILL_TILES = {
     ('sm90', 'float32', 224, 3, 'dkdv_atomic'): _R(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=0, split_stream=False),
 }
 
-# Ragged dK/dV variants (SEQ_MODE 1) hold their sequence's offsets and lengths across the loop; where
-# that spills at the dense variant's tile (with both score modifiers, measured by the compile gate),
-# two k16 steps of S^T and dP^T unrolled at a time instead of all of them fit.
+# Ragged dK/dV and dQ variants (SEQ_MODE 1) hold their sequence's offsets and lengths across the
+# loop; where that spills at the dense variant's tile (measured by the compile gate), the first
+# spill-free candidate of a fixed order replaces it: a lower k16 unroll, then smaller tiles.
 RAGGED_SPILL_TILES = {
     ('sm80', '16bit', 64, 3, 'dkdv_atomic'): replace(BWD_TILES[('sm80', '16bit')][64].dkdv, kk_unroll=2),
     ('sm90', 'float64', 64, 3, 'dkdv_atomic'): replace(BWD_TILES[('sm90', 'float64')][64].dkdv, kk_unroll=2),
     ('sm90', 'float64', 64, 3, 'dkdv'): replace(BWD_TILES[('sm90', 'float64')][64].dkdv, kk_unroll=2),
-    # Found by compiling the candidates in order (lower unroll, smaller tiles) until one was spill-free.
     ('sm80', '16bit', 256, 2, 'dkdv_atomic'): _K(block_m=32, block_n=32, warps=4, warps_n_sdp=2, warps_n_dkv=2, warps_m_dq=2, stages=1, min_blocks=1, kk_unroll=1, dq_unroll=1),
     ('sm90', '16bit', 128, 1, 'dkdv_atomic'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
     ('sm90', '16bit', 128, 2, 'dkdv'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
