@@ -6,8 +6,10 @@
 Each case is a forward and a backward (both dQ modes) at a small, awkward size: tails in both
 sequence lengths, GQA, Sq > Sk with the bottom-right causal mask (fully masked rows), a window,
 softcap and ALiBi, strided views, every dtype the kernels take, and the sm80-family tables forced on
-an sm90 GPU. The script itself only checks that every result is finite where it must be; the
-sanitizer reports out-of-bounds accesses, races and barrier misuse.
+an sm90 GPU; then a packed (varlen) and a padded ragged batch with empty and one-token sequences.
+CuPy's memory pool is switched off, so that an access past an operand meets unallocated memory.
+The script itself only checks that every result is finite where it must be; the sanitizer reports
+out-of-bounds accesses, races and barrier misuse.
 """
 
 import argparse
@@ -31,6 +33,8 @@ CASES = [
     (1, 64, 200, 4, 2, 64, 64, dict(causal=True, alibi=True)),
 ]
 QUICK = CASES[:2]
+# Ragged batches: per-sequence (query, key) lengths; empty sequences, one token, Sq > Sk and tails.
+RAGGED = [(0, 5), (1, 1), (37, 20), (130, 141), (3, 0)]
 
 
 def _run(cupy, dtype, case, family, bhsd):
@@ -55,6 +59,33 @@ def _run(cupy, dtype, case, family, bhsd):
     cupy.cuda.Device().synchronize()
 
 
+def _run_ragged(cupy, dtype, family):
+    """A causal GQA varlen call and the same lengths as a padded batch, forward and backward."""
+    rng = numpy.random.default_rng(7)
+    Hq, Hkv, D = 4, 2, 72
+    lq, lk = (numpy.array(x, dtype=numpy.int32) for x in zip(*RAGGED))
+
+    def array(shape):
+        return cupy.asarray(rng.standard_normal(shape).astype(numpy.float32)).astype(dtype)
+
+    cu_q, cu_k = (cupy.asarray(numpy.concatenate([[0], numpy.cumsum(x)]).astype(numpy.int32)) for x in (lq, lk))
+    total_q, total_k = int(lq.sum()), int(lk.sum())
+    q, k, v, dout = array((total_q, Hq, D)), array((total_k, Hkv, D)), array((total_k, Hkv, D)), array((total_q, Hq, D))
+    options = dict(causal=True, softcap=15.0)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, backend="cuda", **options)
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, backend="cuda", **options)
+    B, Sq, Sk = len(RAGGED), int(lq.max()), int(lk.max())
+    q, k, v, dout = array((B, Sq, Hq, D)), array((B, Sk, Hkv, D)), array((B, Sk, Hkv, D)), array((B, Sq, Hq, D))
+    seqlens = dict(seqlens_q=cupy.asarray(lq), seqlens_k=cupy.asarray(lk))
+    out, lse = cuflash.attention(q, k, v, return_lse=True, backend="cuda", **seqlens, **options)
+    grads += cuflash.attention_backward(dout, q, k, v, out, lse, backend="cuda", deterministic=True, **seqlens,
+                                        **options)
+    for g in grads:
+        if not bool(cupy.isfinite(g).all()):
+            raise SystemExit(f"{family} {dtype} ragged: a gradient is not finite")
+    cupy.cuda.Device().synchronize()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two cases, 16-bit only (racecheck is slow)")
@@ -62,6 +93,7 @@ def main():
     args = parser.parse_args()
     import cupy
 
+    cupy.cuda.set_allocator(None)
     dtypes = ["float16"] if args.quick else ["float16", "bfloat16", "float32", "float64"]
     native = variants.family
     for family in args.families.split(","):
@@ -78,6 +110,7 @@ def main():
             for case in (QUICK if args.quick else CASES):
                 for bhsd in (False, True):
                     _run(cupy, dtype, case, family, bhsd)
+            _run_ragged(cupy, dtype, family)
         print(f"{family}: every case ran", flush=True)
     variants.family = native
 
