@@ -10,7 +10,8 @@ Modules imported on their own (``import cuflash`` loads none of them, nor PyTorc
 
 - ``cuflash.torch``: ``attention`` with PyTorch autograd, as torch operators (``torch.compile``,
   CUDA graphs).
-- ``cuflash.jax``: ``attention`` under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
+- ``cuflash.jax``: ``attention`` under ``jax.jit``, ``jax.grad`` and ``jax.vmap``; ``ring_attention``
+  inside ``jax.shard_map``.
 - ``cuflash.distributed``: ring attention over a sequence sharded across ranks (context
   parallelism), forward and backward.
 - ``cuflash.testing``: Hypothesis strategies that draw attention problems and assertions that hold

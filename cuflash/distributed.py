@@ -37,7 +37,8 @@ rank − 1, and returns an object whose ``wait()`` orders the caller's later wor
 (on the GPU: CuPy's current stream waits for it; the send arrays must stay untouched until then).
 Three are provided: ``LoopbackRing`` (P virtual ranks of one process, one thread each: NumPy on the
 CPU or CuPy on one GPU), ``NcclRing`` (NCCL through CuPy, one process per GPU) and ``TorchRing``
-(a ``torch.distributed`` process group).
+(a ``torch.distributed`` process group). JAX code has ``cuflash.jax.ring_attention`` inside
+``jax.shard_map`` instead, whose steps make the calls ``_plan`` makes here.
 """
 
 import math
@@ -55,7 +56,7 @@ from ._interop import export, import_operands
 from ._problem import _is_int, _Problems, check_backward, check_forward
 
 __all__ = [
-    "LAYOUTS", "shard_segments", "shard", "unshard",
+    "LAYOUTS", "shard_segments", "shard_order", "shard", "unshard",
     "ring_attention", "ring_attention_backward", "ring_attention_vjp", "torch_ring_attention",
     "LoopbackRing", "NcclRing", "TorchRing",
 ]
@@ -145,6 +146,18 @@ def shard_segments(seqlen, rank, world_size, layout="contiguous"):
     if all([checks.seqlen(seqlen, optional=False), checks.rank(rank, world_size), checks.layout(layout)]):
         return _segments(seqlen, rank, world_size, layout)
     checks.raise_if_any("cuflash.distributed.shard_segments")
+
+
+def shard_order(seqlen, world_size, layout="contiguous"):
+    """The global token positions of every rank's shard, rank 0's first (an int64 array of
+    ``seqlen``): ``x[:, order]`` puts a global sequence in the order whose even split into
+    ``world_size`` parts gives rank r its shard, as ``jax.shard_map`` splits a sharded axis (with
+    ``seqlen`` a multiple of ``world_size``); ``x[:, numpy.argsort(order)]`` undoes it."""
+    checks = _Checks()
+    if all([checks.seqlen(seqlen, optional=False), checks.rank(0, world_size), checks.layout(layout)]):
+        ranges = [r for rank in range(world_size) for r in _segments(seqlen, rank, world_size, layout)]
+        return numpy.concatenate([numpy.arange(start, stop) for start, stop in ranges])
+    checks.raise_if_any("cuflash.distributed.shard_order")
 
 
 def _along(axis, start, stop):

@@ -17,6 +17,10 @@ each call into a small program of its own (once per shapes and options) and runs
 ``jax.value_and_grad`` work inside and outside ``jit``, and in ``jax.lax.scan`` and
 ``jax.checkpoint``. Second derivatives do not (the backward is not differentiable).
 
+Inside ``jax.shard_map`` the results vary over the mesh axes that the operands vary over, so
+``check_vma`` holds for the forward and the gradients; ``ring_attention`` is attention over a
+sequence sharded along a mesh axis (see its notes).
+
 ``jax.vmap`` folds the mapped axes into the batch axis: every operand is broadcast to the mapped
 size (XLA materializes an operand that is not mapped, such as k and v shared by mapped queries),
 and the kernels run once on a batch of N·B. Shapes, dtypes and options are checked when the call
@@ -35,13 +39,15 @@ except ImportError as exc:
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
+import jax.numpy as jnp
 import numpy
 from jax.experimental.buffer_callback import buffer_callback
 
-from . import _api, _dispatch, _interop, _problem, _ragged_api
+from . import _api, _dispatch, _interop, _problem, _ragged_api, distributed
 
-__all__ = ["attention", "attention_varlen"]
+__all__ = ["attention", "attention_varlen", "ring_attention"]
 
 _WHAT = "cuflash.jax.attention"
 
@@ -129,12 +135,37 @@ def _lse_dtype(dtype):
     return numpy.float64 if numpy.dtype(dtype) == numpy.float64 else numpy.float32
 
 
+def _varying(x):
+    """The mesh axes ``x`` varies over inside ``jax.shard_map`` (none outside it, or with
+    ``check_vma=False``)."""
+    return frozenset(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()))
+
+
+def _vary(x, axes):
+    """``x`` typed as varying over ``axes`` too. A callback's results carry no such type of their
+    own; without it shard_map's ``check_vma`` refuses them beside the operands they came from."""
+    missing = tuple(sorted(frozenset(axes) - _varying(x), key=str))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _alike(*arrays):
+    """The arrays (None passes through) all typed as varying over every axis any of them varies
+    over. Done before ``custom_vjp``, so that the gradient of an operand that varied over fewer
+    axes is summed over the others by JAX's own transpose of the cast."""
+    axes = frozenset().union(*(_varying(x) for x in arrays if x is not None))
+    return tuple(None if x is None else _vary(x, axes) for x in arrays)
+
+
+def _typed_like(results, operand):
+    return tuple(_vary(x, _varying(operand)) for x in results)
+
+
 def _call_forward(q, k, v, slopes, config):
     out_shape = q.shape[:3] + v.shape[3:]
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     result = (jax.ShapeDtypeStruct(out_shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, _lse_dtype(q.dtype)))
     call = buffer_callback(_callbacks(config)[0], result, vmap_method="broadcast_all")
-    return call(q, k, v) if slopes is None else call(q, k, v, slopes)
+    return _typed_like(call(q, k, v) if slopes is None else call(q, k, v, slopes), q)
 
 
 def _differentiable(forward_call, backward_call):
@@ -162,7 +193,7 @@ def _call_backward(config, q, k, v, slopes, out, lse, dout):
     result = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     call = buffer_callback(_callbacks(config)[1], result, vmap_method="broadcast_all")
     operands = (dout, q, k, v, out, lse)
-    return call(*operands) if slopes is None else call(*operands, slopes)
+    return _typed_like(call(*operands) if slopes is None else call(*operands, slopes), q)
 
 
 _attention = _differentiable(_call_forward, _call_backward)
@@ -206,7 +237,7 @@ def attention(q, k, v, *, causal=False, causal_alignment="bottom_right", window=
     """
     config = _checked(q, k, v, alibi_slopes, causal, causal_alignment, window, softcap, scale, deterministic)
     if seqlens_q is None and seqlens_k is None:
-        return _attention(q, k, v, alibi_slopes, config)
+        return _attention(*_alike(q, k, v, alibi_slopes), config)
     extras = _ragged_extras(_WHAT, seqlens_q=seqlens_q, seqlens_k=seqlens_k, alibi_slopes=alibi_slopes)
     return _ragged(q, k, v, extras, ("padded", tuple(n for n, x in extras)) + config)
 
@@ -280,7 +311,7 @@ def _ragged_forward_call(q, k, v, extras, config):
     result = (jax.ShapeDtypeStruct(out_shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, _lse_dtype(q.dtype)))
     callback = functools.partial(_ragged_callback, (kind, "forward"), ("q", "k", "v") + names,
                                  tuple(options.items()))
-    return buffer_callback(callback, result, vmap_method="sequential")(q, k, v, *extras)
+    return _typed_like(buffer_callback(callback, result, vmap_method="sequential")(q, k, v, *extras), q)
 
 
 def _ragged_backward_call(config, q, k, v, extras, out, lse, dout):
@@ -288,14 +319,15 @@ def _ragged_backward_call(config, q, k, v, extras, out, lse, dout):
     result = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     callback = functools.partial(_ragged_callback, (kind, "backward"), ("dout", "q", "k", "v", "out", "lse") + names,
                                  tuple(options.items()) + (("deterministic", deterministic),))
-    return buffer_callback(callback, result, vmap_method="sequential")(dout, q, k, v, out, lse, *extras)
+    return _typed_like(buffer_callback(callback, result, vmap_method="sequential")(dout, q, k, v, out, lse, *extras), q)
 
 
 _ragged_attention = _differentiable(_ragged_forward_call, _ragged_backward_call)
 
 
 def _ragged(q, k, v, extras, config):
-    return _ragged_attention(q, k, v, tuple(x for _, x in extras), config)
+    q, k, v, *others = _alike(q, k, v, *(x for _, x in extras))
+    return _ragged_attention(q, k, v, tuple(others), config)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
@@ -317,3 +349,239 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
                       else alibi_slopes[0], causal, causal_alignment, window, softcap, scale, deterministic)
     extras = _ragged_extras(_VARLEN, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     return _ragged(q, k, v, extras, ("varlen", tuple(n for n, x in extras)) + config + (max_seqlen_q, max_seqlen_k))
+
+
+# Ring attention inside jax.shard_map: the sequence sharded along one mesh axis, K/V blocks passed
+# around the ring with ppermute, each step's block pair computed by the calls that
+# ``cuflash.distributed`` plans for it, so that the two forms compute the same calls.
+_RING = "cuflash.jax.ring_attention"
+
+
+@dataclass(frozen=True)
+class _RingSpec:
+    """The static description of one ring: the mesh axis, its size, the layout of the global
+    sequence of ``seqlen`` tokens, its band i − left <= j <= i + right (None: unbounded) and the
+    options of every call. Hashable: it is ``custom_vjp``'s non-differentiable argument."""
+
+    axis_name: object
+    world_size: int
+    seqlen: int
+    layout: str
+    left: Optional[int]
+    right: Optional[int]
+    softcap: Optional[float]
+    scale: float
+    deterministic: bool
+
+    def step(self, step):
+        """The calls of ``step`` as (which, plans): ``plans`` are the distinct call lists the ranks
+        need at that step, and rank r runs ``plans[which[r]]`` (on the block of rank r − step)."""
+        segments = [distributed._segments(self.seqlen, r, self.world_size, self.layout)
+                    for r in range(self.world_size)]
+        per_rank = [distributed._plan(segments[r], segments[(r - step) % self.world_size], self.left, self.right)
+                    for r in range(self.world_size)]
+        plans = []  # equal plans compared, not hashed: a call's slices hash only from Python 3.12
+        for plan in per_rank:
+            if plan not in plans:
+                plans.append(plan)
+        return tuple(plans.index(plan) for plan in per_rank), tuple(plans)
+
+    def shift(self, arrays):
+        """Each device's ``arrays`` sent to the next device along the axis (rank r to r + 1)."""
+        ring = [(r, (r + 1) % self.world_size) for r in range(self.world_size)]
+        return jax.lax.ppermute(arrays, self.axis_name, ring)
+
+    def by_rank(self, step, body, carry, operands):
+        """``body(plan, carry, operands)`` with this device's plan of ``step``: new ``carry``.
+
+        The rank is a traced value inside shard_map (``axis_index``), but a plan is host data:
+        which sub-blocks, which window, what the kernels launch. So the step switches over the
+        plans the ranks need, which are few and often one: a mask-free ring needs no switch at
+        all, a causal one two plans per step (blocks before and after the rank's own). Offsets
+        made traced operands of the kernels could not skip the calls a rank does not need, and
+        the calls would have to cover every rank's sub-blocks. A switch costs XLA a read of its
+        index per step (on the GPU, a copy to the host that waits for the work queued before it).
+        """
+        which, plans = self.step(step)
+        branches = [functools.partial(body, plan) for plan in plans]
+        if len(branches) == 1:
+            return branches[0](carry, operands)
+        index = jnp.asarray(which, dtype=jnp.int32)[jax.lax.axis_index(self.axis_name)]
+        return jax.lax.switch(index, branches, carry, operands)
+
+    def config(self, call, q, k, v):
+        """The normalized options of one planned call on the sub-blocks q, k, v."""
+        return _checked(q, k, v, None, softcap=self.softcap, scale=self.scale, deterministic=self.deterministic,
+                        **call.mask_options())
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """``cuflash._combine.merge`` on JAX arrays: partial results over disjoint keys, out (B, R, H, Dv)
+    and lse (B, H, R), merged in the dtype of ``out_a``. A part that saw no key (lse = −inf)
+    contributes nothing; rows no part saw keep out = 0, lse = −inf."""
+    lse_b = lse_b.astype(lse_a.dtype)
+    m = jnp.maximum(lse_a, lse_b)
+    m = jnp.where(jnp.isneginf(m), 0, m)
+    w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+    total = w_a + w_b
+    lse = m + jnp.log(total)
+    total = jnp.where(total == 0, 1, total)
+
+    def term(out, w, part_lse):
+        weighted = out.astype(out_a.dtype) * (w / total).transpose(0, 2, 1)[..., None]
+        return jnp.where(jnp.isneginf(part_lse).transpose(0, 2, 1)[..., None], 0, weighted)
+
+    return term(out_a, w_a, lse_a) + term(out_b, w_b, lse_b), lse
+
+
+def _ring_forward_calls(spec, plan, carry, operands):
+    out, lse = carry
+    q, k, v = operands
+    for call in plan:
+        rows, cols = call.rows, call.cols
+        blocks = (q[:, rows], k[:, cols], v[:, cols])
+        out_c, lse_c = _call_forward(*blocks, None, spec.config(call, *blocks))
+        out_r, lse_r = _merge(out[:, rows], lse[:, :, rows], out_c, lse_c)
+        out, lse = out.at[:, rows].set(out_r), lse.at[:, :, rows].set(lse_r)
+    return out, lse
+
+
+def _ring_forward(spec, q, k, v):
+    acc = _lse_dtype(q.dtype)
+    axes = _varying(q)
+    out = _vary(jnp.zeros(q.shape[:3] + v.shape[3:], acc), axes)
+    lse = _vary(jnp.full((q.shape[0], q.shape[2], q.shape[1]), -numpy.inf, acc), axes)
+    blocks = (k, v)
+    for step in range(spec.world_size):
+        # The next block is requested before this one is used, so the transfer can overlap the calls.
+        following = spec.shift(blocks) if step + 1 < spec.world_size else None
+        out, lse = spec.by_rank(step, functools.partial(_ring_forward_calls, spec), (out, lse), (q,) + blocks)
+        blocks = following
+    return out.astype(q.dtype), lse
+
+
+def _ring_backward_calls(spec, plan, carry, operands):
+    dq, (dk, dv) = carry
+    dout, q, k, v, out, lse = operands
+    acc = dq.dtype
+    for call in plan:
+        rows, cols = call.rows, call.cols
+        blocks = (q[:, rows], k[:, cols], v[:, cols])
+        dq_c, dk_c, dv_c = _call_backward(spec.config(call, *blocks), *blocks, None, out[:, rows], lse[:, :, rows],
+                                          dout[:, rows])
+        dq = dq.at[:, rows].add(dq_c.astype(acc))
+        dk, dv = dk.at[:, cols].add(dk_c.astype(acc)), dv.at[:, cols].add(dv_c.astype(acc))
+    return dq, (dk, dv)
+
+
+def _ring_backward(spec, q, k, v, out, lse, dout):
+    """The ring backward, as ``cuflash.distributed`` runs it: with the global out and lse, block
+    pair (r, s) contributes exactly the single-device backward of Q_r against K_s, V_s; dK and dV
+    of each block accumulate in float32 (float64) as they travel with it, and take one more hop
+    at the end, home to the device that holds the block."""
+    acc = _lse_dtype(q.dtype)
+    axes = _varying(q)
+    dq = _vary(jnp.zeros(q.shape, acc), axes)
+    grads = tuple(_vary(jnp.zeros(x.shape, acc), axes) for x in (k, v))
+    blocks = (k, v)
+    for step in range(spec.world_size):
+        following = spec.shift(blocks) if step + 1 < spec.world_size else None
+        dq, grads = spec.by_rank(step, functools.partial(_ring_backward_calls, spec), (dq, grads),
+                                 (dout, q) + blocks + (out, lse))
+        if spec.world_size > 1:
+            grads = spec.shift(grads)
+        blocks = following
+    return dq.astype(q.dtype), grads[0].astype(k.dtype), grads[1].astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ring_attention(q, k, v, spec):
+    return _ring_forward(spec, q, k, v)
+
+
+def _ring_attention_forward(q, k, v, spec):
+    out, lse = _ring_forward(spec, q, k, v)
+    return (out, lse), (q, k, v, out, lse)
+
+
+def _ring_attention_backward(spec, saved, cotangents):
+    # lse leaves ring_attention through stop_gradient, so its cotangent is zero.
+    return _ring_backward(spec, *saved, cotangents[0])
+
+
+_ring_attention.defvjp(_ring_attention_forward, _ring_attention_backward)
+
+
+def _ring_checked(q, k, v, axis_name, causal, window, softcap, scale, layout, deterministic, return_lse):
+    """The ``_RingSpec`` of a call, after every check; one TypeError or ValueError listing every
+    problem otherwise."""
+    problems = _problem._Problems()
+    named = (("q", q), ("k", k), ("v", v))
+    arrays = [name for name, x in named if isinstance(x, jax.Array)]
+    for name, x in named:
+        if name not in arrays:
+            problems.type(f"{name} must be a jax.Array, got {type(x).__module__}.{type(x).__qualname__}")
+    if not isinstance(layout, str) or layout not in distributed.LAYOUTS:
+        problems.value(f"layout must be one of {distributed.LAYOUTS}, got {layout!r}")
+    world_size = None
+    if isinstance(axis_name, (tuple, list)):
+        problems.type(f"axis_name must name one mesh axis, got {axis_name!r}")
+    else:
+        try:
+            world_size = jax.lax.psum(1, axis_name)
+        except (NameError, TypeError):
+            problems.value(f"axis_name={axis_name!r} is not an axis of an enclosing jax.shard_map "
+                           "(ring_attention runs inside shard_map, on each device's shard of the sequence)")
+    if len(arrays) == 3:
+        if q.ndim == k.ndim == 4 and q.shape[1] != k.shape[1]:
+            problems.value(f"q and k must hold the same tokens (this device's shard of the sequence), got q: "
+                           f"{q.shape[1]}, k: {k.shape[1]} tokens")
+        try:
+            problem = _problem.check_forward(
+                _spec(q), _spec(k), _spec(v), causal=causal, causal_alignment="top_left", window=window,
+                softcap=softcap, scale=scale, backend="auto", what=_RING, deterministic=deterministic,
+                return_lse=return_lse)
+        except (TypeError, ValueError) as exc:
+            for message in str(exc).split("\n  - ")[1:] or [str(exc)]:
+                (problems.type if isinstance(exc, TypeError) else problems.value)(message)
+    problems.raise_if_any(_RING)
+    return _RingSpec(axis_name, world_size, world_size * q.shape[1], layout, problem.window_left,
+                     problem.window_right, softcap, problem.scale, deterministic)
+
+
+def ring_attention(q, k, v, *, axis_name, causal=False, window=None, softcap=None, scale=None, layout="contiguous",
+                   deterministic=False, return_lse=False):
+    """Attention over a sequence sharded along the mesh axis ``axis_name``, called inside
+    ``jax.shard_map`` (ring attention, context parallelism); differentiable.
+
+    Every device passes its shard: q (B, L, Hq, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv), the L
+    tokens that ``cuflash.distributed.shard_segments(P · L, rank, P, layout)`` names, P being the
+    axis' size and rank the device's index along it. Under "contiguous" that is shard_map's own
+    split of the global sequence; for "zigzag" (rank r holds chunks r and 2P − 1 − r of 2P, which
+    gives every device the same causal work) put the global sequence in that order first, with
+    ``x[:, cuflash.distributed.shard_order(N, P, "zigzag")]``. Attention is over the global
+    sequence of P · L tokens: query i sees key j iff i − left <= j <= i + right with
+    window=(left, right) (None: unbounded), causal=True meaning right = 0. GQA/MQA, softcap,
+    scale and ``deterministic`` are as in ``attention``; ALiBi is not offered.
+
+    At each of P steps every device computes its queries against the K/V block it holds, with
+    the calls ``cuflash.distributed`` makes for that block pair (cuflash's kernels on GPU arrays,
+    its NumPy backend on CPU arrays), merges the partial result into its own by the log-sum-exp
+    rule in float32 (float64 for float64), and passes the block to the next device along the
+    axis with ``jax.lax.ppermute``. The gradient (``jax.custom_vjp``) is the ring backward: K, V
+    and their float32 dK, dV travel the ring again, each step running cuflash's backward with the
+    global out and lse. Each step's partial output is rounded to the input dtype by the call that
+    makes it, so 16-bit results differ from a single-device call by about one rounding; float32
+    and float64 results agree to their rounding.
+
+    Returns out (B, L, Hq, Dv) in the input dtype, this device's rows of the global output, and
+    with ``return_lse=True`` also lse (B, Hq, L), float32 (float64 for float64), its rows of the
+    global log-sum-exp, which carries no gradient (``jax.lax.stop_gradient``). Arguments are
+    checked when the call is traced: one TypeError or ValueError lists every problem.
+    """
+    spec = _ring_checked(q, k, v, axis_name, causal, window, softcap, scale, layout, deterministic, return_lse)
+    # Shards vary over the ring's axis; typed so even where the caller's type says otherwise.
+    axes = frozenset({axis_name}).union(*(_varying(x) for x in (q, k, v)))
+    q, k, v = (_vary(x, axes) for x in (q, k, v))
+    out, lse = _ring_attention(q, k, v, spec)
+    return (out, jax.lax.stop_gradient(lse)) if return_lse else out

@@ -154,6 +154,17 @@ def test_shards_partition_the_sequence_and_unshard_inverts_shard(seqlen, world, 
     assert numpy.array_equal(distributed.unshard(shards, layout=layout, axis=axis), x)
 
 
+@given(seqlen=st.integers(0, 60), world=st.integers(1, 8), layout=LAYOUT)
+def test_shard_order_lists_the_ranks_tokens_in_rank_order(seqlen, world, layout):
+    order = distributed.shard_order(seqlen, world, layout)
+    assert numpy.array_equal(order, numpy.concatenate([_positions(seqlen, r, world, layout) for r in range(world)]))
+    if seqlen % world == 0:  # an even split of the reordered sequence gives each rank its shard
+        x = numpy.arange(2 * seqlen).reshape(1, seqlen, 2)
+        for r, part in enumerate(numpy.split(x[:, order], world, axis=1)):
+            assert numpy.array_equal(part, distributed.shard(x, r, world, layout=layout))
+        assert numpy.array_equal(x[:, order][:, numpy.argsort(order)], x)
+
+
 def _plan(seqlen, world, layout, rank, source, left, right):
     return distributed._plan(distributed.shard_segments(seqlen, rank, world, layout),
                              distributed.shard_segments(seqlen, source, world, layout), left, right)
@@ -392,6 +403,8 @@ def test_layout_helpers_refuse_bad_arguments():
         distributed.shard([[1, 2]], 0, 2)
     with pytest.raises(ValueError, match="layout must be one of"):
         distributed.unshard([x], layout="rows")
+    with pytest.raises(ValueError, match="world_size must be at least 1, got 0"):
+        distributed.shard_order(4, 0)
     with pytest.raises(ValueError, match="world_size must be an int of at least 1"):
         distributed.LoopbackRing(0)
 
