@@ -11,6 +11,8 @@ leaves of a 4 x Sk tile, bar 6 keys). Per shape, in the same run:
   merge when the heuristic splits), device time only;
 - ``call``: the public ``cuflash.attention_with_kvcache`` (its host checks copy cache_seqlens, and
   for paged caches the block table, to the host every call);
+- ``call-bound``: the same with ``max_seqlen_k`` (the lengths stay on the device: no copy, no
+  synchronisation; what a CUDA-graph-captured decoding loop runs);
 - ``paged-P``: the decode launcher on the same memory seen as pages of P keys with a shuffled block
   table (no copy: timing does not depend on which keys land where);
 - ``dense``: ``cuflash.attention`` (the dense forward kernel, what decoding ran before);
@@ -120,6 +122,9 @@ def run_shape(sq, batch, seqlen_k, pages, torch_mods):
     reference_out = decode_calls[0][1]
     results["call"] = median_ms(rotating([
         (lambda k=k, v=v: cuflash.attention_with_kvcache(q, k, v, lengths, backend="cuda")) for k, v in caches]))
+    results["call-bound"] = median_ms(rotating([
+        (lambda k=k, v=v: cuflash.attention_with_kvcache(q, k, v, lengths, max_seqlen_k=seqlen_k, backend="cuda"))
+        for k, v in caches]))
     for page in pages:
         if seqlen_k % page:
             continue

@@ -63,6 +63,13 @@ for splits in (1, 3, 8):
     lse = cp.empty(base.lse_shape, dtype=np.float32)
     decode.flash_decode(q, k_pages, v_pages, cp.asarray(lengths), table, slopes, out, lse, base,
                         max_seqlen_k=int(lengths.max()), splits=splits)
+# Lengths and pages outside the cache, left unchecked on the device (max_seqlen_k): clamped reads,
+# skipped appends, no access outside the cache.
+bad_lengths = cp.asarray(np.array([10**6, -3, 50], np.int32))
+bad_table = table.copy()
+bad_table[0] = cp.asarray(np.array([-1, 10**6, 2**31 - 1, 0, 1, 2, 3], np.int32))
+cuflash.attention_with_kvcache(q, k_pages, v_pages, bad_lengths, k_new=k_new, v_new=v_new, block_table=bad_table,
+                               max_seqlen_k=7 * page, backend="cuda", **options)
 dense_k, dense_v = (x[table].reshape(B, 7 * page, Hkv, D) for x in (k_pages, v_pages))
 cuflash.attention_with_kvcache(q[..., :64], cp.ascontiguousarray(dense_k[..., :64]), dense_v[..., ::2],
                                cp.asarray(lengths), backend="cuda", causal=True)

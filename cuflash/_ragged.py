@@ -46,8 +46,9 @@ def _host(x):
     return x if isinstance(x, numpy.ndarray) else x.get()
 
 
-def _check_int_vector(problems, name, x, length, what):
-    """``x`` must be a 1-D int32 array of ``length`` elements; returns its values or None."""
+def _check_int_vector(problems, name, x, length, what, read=True):
+    """``x`` must be a 1-D int32 array of ``length`` elements; returns its values (or, with
+    read=False, an empty array once its dtype and shape are right) or None."""
     if numpy.dtype(x.dtype) != _INT32:
         problems.type(f"{name} must be int32 ({what}), got {numpy.dtype(x.dtype)}")
         return None
@@ -55,7 +56,7 @@ def _check_int_vector(problems, name, x, length, what):
         expected = f"({length},)" if length is not None else "one-dimensional"
         problems.value(f"{name} must have shape {expected} ({what}), got {tuple(x.shape)}")
         return None
-    return _host(x).astype(numpy.int64)
+    return _host(x).astype(numpy.int64) if read else numpy.zeros(0, numpy.int64)
 
 
 def _check_offsets(problems, name, x, total, rows):
@@ -95,6 +96,8 @@ def _check_hint(problems, name, hint, actual):
         return
     if not isinstance(hint, (int, numpy.integer)) or isinstance(hint, (bool, numpy.bool_)):
         problems.type(f"{name} must be an int or None, got {type(hint).__name__}")
+    elif hint < 0:
+        problems.value(f"{name} must be >= 0, got {hint}")
     elif actual is not None and hint < actual:
         problems.value(f"{name} = {hint} is less than the longest sequence ({actual})")
 
@@ -186,10 +189,10 @@ class CachePlan:
     """Where a cache call reads and writes: per batch element its key count after the append and,
     for a paged cache, the pages holding them."""
 
-    seqlens_k: tuple  # cache_seqlens[b] + S_new
-    cache_seqlens: tuple
+    seqlens_k: Optional[tuple]  # cache_seqlens[b] + S_new; None where the lengths stay unread on the device
+    cache_seqlens: Optional[tuple]
     page_size: int  # 0 for a dense cache
-    table: Optional[numpy.ndarray]  # the block table on the host (int64), paged only
+    table: Optional[numpy.ndarray]  # the block table on the host (int64), paged and read only
 
     def pages(self, b, n):
         """The pages holding the first n keys of sequence b (a paged cache)."""
@@ -197,8 +200,10 @@ class CachePlan:
 
 
 def check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, *, alibi_slopes, what,
-                  writable, **options):
-    """Check a cache call: the dense ``Problem`` of q against the largest key count, and the plan."""
+                  writable, max_seqlen_k=None, read_lengths=True, **options):
+    """Check a cache call: the dense ``Problem`` of q against one sequence of the cache, and the
+    plan. With read_lengths=False, cache_seqlens and block_table are checked by dtype and shape
+    only, never copied from the device (the plan then has no lengths and no table)."""
     problems = _Problems()
     paged = block_table is not None
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -235,9 +240,22 @@ def check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
         for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
             if not writable(x):
                 problems.value(f"{name} is read-only, but k_new/v_new are written into it")
+    if not read_lengths:
+        _check_int_vector(problems, "cache_seqlens", cache_seqlens, B, "valid lengths, one per batch element",
+                          read=False)
+        capacity = slot_len
+        if paged:
+            _check_int_vector_2d(problems, block_table, B, read=False)
+            capacity = block_table.shape[-1] * slot_len
+        if S_new > capacity:
+            problems.value(f"S_new = {S_new} new keys cannot fit a cache of {capacity} keys per sequence")
+        _check_hint(problems, "max_seqlen_k", max_seqlen_k, None)
+        problems.raise_if_any(what)
+        return base, CachePlan(None, None, slot_len if paged else 0, None)
     lengths = _check_lengths(problems, "cache_seqlens", cache_seqlens, B, math.inf, "cache")
     if lengths is None:
         problems.raise_if_any(what)
+    _check_hint(problems, "max_seqlen_k", max_seqlen_k, int((lengths + S_new).max(initial=0)))
     page_size, table = 0, None
     if paged:
         page_size = slot_len
@@ -286,14 +304,14 @@ def _check_pages(problems, table, lengths, S_new, page_size, num_pages):
                        f"slot {slot % page_size}")
 
 
-def _check_int_vector_2d(problems, block_table, batch):
+def _check_int_vector_2d(problems, block_table, batch, read=True):
     if numpy.dtype(block_table.dtype) != _INT32:
         problems.type(f"block_table must be int32 (page indices), got {numpy.dtype(block_table.dtype)}")
         return None
     if block_table.ndim != 2 or block_table.shape[0] != batch:
         problems.value(f"block_table must have shape (B, max_pages_per_seq) with B = {batch}, got {tuple(block_table.shape)}")
         return None
-    return _host(block_table).astype(numpy.int64)
+    return _host(block_table).astype(numpy.int64) if read else None
 
 
 def sequence_problem(base, segment, alibi, alignment):

@@ -26,13 +26,14 @@ def _host(x):
     return x if x is None or isinstance(x, numpy.ndarray) else x.get()
 
 
-def _on_gpu(backend, origin, problem, what):
-    """Whether a packed or padded call runs on the GPU: ``auto`` for GPU operands, ``cuda`` always
-    (refused with the reason where the GPU backend cannot run it); ``numpy`` never. Called after
-    the checks (bad values of ``backend`` are reported by them, with everything else)."""
+def _on_gpu(backend, origin, problem, what, backward=False):
+    """Whether a packed or padded call (its forward, or its ``backward``) runs on the GPU: ``auto``
+    for GPU operands, ``cuda`` always (refused with the reason where the GPU backend cannot run it);
+    ``numpy`` never. Called after the checks (bad values of ``backend`` are reported by them, with
+    everything else)."""
     if backend == "numpy" or (backend == "auto" and not origin.on_gpu):
         return False
-    reason = _dispatch.BACKENDS["cuda"].refusal(problem)
+    reason = _dispatch.BACKENDS["cuda"].refusal(problem, backward)
     if reason is None:
         from ._cuda import runtime, variants
 
@@ -145,7 +146,7 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
                                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                           alibi_slopes=a["alibi_slopes"], what=what, dout=a["dout"], out=a["out"],
                                           lse=a["lse"], deterministic=deterministic, **options)
-    if _on_gpu(backend, origin, base, what):
+    if _on_gpu(backend, origin, base, what, backward=True):
         return _backward_gpu(a, origin, base, segments, causal_alignment, deterministic, packed=True)
     host = {name: _host(x) for name, x in a.items()}
     grads = [_dispatch._empty(numpy, host[name].shape, base.dtype) for name in ("q", "k", "v")]
@@ -190,7 +191,7 @@ def padded_backward(dout, q, k, v, out, lse, seqlens_q, seqlens_k, alibi_slopes,
     base, segments = _ragged.check_padded(a["q"], a["k"], a["v"], a["seqlens_q"], a["seqlens_k"],
                                           alibi_slopes=a["alibi_slopes"], what=what, dout=a["dout"], out=a["out"],
                                           lse=a["lse"], **options)
-    if _on_gpu(options["backend"], origin, base, what):
+    if _on_gpu(options["backend"], origin, base, what, backward=True):
         return _backward_gpu(a, origin, base, segments, options["causal_alignment"], options["deterministic"],
                              packed=False)
     host = {name: _host(x) for name, x in a.items()}
@@ -276,6 +277,7 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqle
                            block_table: Optional[Array] = None, causal: bool = False, window: Window = None,
                            softcap: Optional[float] = None, alibi_slopes: Optional[Array] = None,
                            scale: Optional[float] = None, return_lse: bool = False,
+                           max_seqlen_k: Optional[int] = None,
                            backend: Backend = "auto") -> Union[Array, tuple[Array, Array]]:
     """Attention of new queries against a key/value cache (decoding; FlashAttention's
     ``flash_attn_with_kvcache``). Forward only.
@@ -294,8 +296,18 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqle
     the query heads of a GQA group share one read of the keys and values, long caches are split
     across CTAs and merged by the log-sum-exp rule (the result does not depend on the split count
     beyond float32 rounding), and the sequence lengths are read on the device. Every other cache
-    call runs on the NumPy backend, which ``backend="cuda"`` refuses. ``cache_seqlens`` and
-    ``block_table`` are also copied to the host to be checked (B and B x max_pages numbers).
+    call runs on the NumPy backend, which ``backend="cuda"`` refuses.
+
+    ``cache_seqlens`` and ``block_table`` are copied to the host and checked (lengths within the
+    cache, pages in range, no two sequences appending into one slot), which waits for the GPU.
+    Pass ``max_seqlen_k`` (an int bounding cache_seqlens[b] + S_new) to skip that on the GPU
+    path: the two stay on the device, unread by the host, so the call neither synchronizes nor
+    copies and can be captured in a CUDA graph (decoding loops); the bound only sizes the split
+    heuristic (a wrong one costs speed, not correctness; where the lengths are read, one below
+    them is refused). Their values are then unchecked: the kernels clamp every length into the
+    cache and every page index into the pages there, and skip appends that would land outside it,
+    so wrong values give wrong results, never an access outside the cache. Calls that run on the
+    NumPy backend check them as always.
 
     Returns out (B, Sq, Hq, Dv) and, with ``return_lse=True``, lse (B, Hq, Sq).
     """
@@ -307,13 +319,20 @@ def attention_with_kvcache(q: Array, k_cache: Array, v_cache: Array, cache_seqle
         # JAX arrays are immutable (append with .at[].set() instead); read-only NumPy memory too.
         return origin.kind != "jax" and (not isinstance(x, numpy.ndarray) or x.flags.writeable)
 
-    base, plan = _ragged.check_kvcache(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["k_new"], a["v_new"],
-                                       a["block_table"], alibi_slopes=a["alibi_slopes"], what=what, writable=writable,
-                                       causal=causal, causal_alignment="bottom_right", window=window, softcap=softcap,
-                                       scale=scale, backend=backend, return_lse=return_lse)
+    def check(read_lengths):
+        return _ragged.check_kvcache(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["k_new"], a["v_new"],
+                                     a["block_table"], alibi_slopes=a["alibi_slopes"], what=what, writable=writable,
+                                     max_seqlen_k=max_seqlen_k, read_lengths=read_lengths, causal=causal,
+                                     causal_alignment="bottom_right", window=window, softcap=softcap, scale=scale,
+                                     backend=backend, return_lse=return_lse)
+
+    base, plan = check(read_lengths=max_seqlen_k is None or not origin.on_gpu)
     if _kvcache_on_gpu(backend, origin, base, what):
-        out, lse = _kvcache_gpu(a, origin, base, plan)
+        bound = max_seqlen_k if plan.seqlens_k is None else max(plan.seqlens_k, default=0)
+        out, lse = _kvcache_gpu(a, origin, base, bound)
         return (out, lse) if return_lse else out
+    if plan.seqlens_k is None:  # the NumPy backend reads the lengths anyway: check them first
+        base, plan = check(read_lengths=True)
     if a["k_new"] is not None:
         with origin.context():
             _ragged.append_to_cache(a["k_cache"], a["v_cache"], a["k_new"], a["v_new"], plan)
@@ -351,7 +370,7 @@ def _kvcache_on_gpu(backend, origin, problem, what):
     return reason is None
 
 
-def _kvcache_gpu(a, origin, base, plan):
+def _kvcache_gpu(a, origin, base, max_seqlen_k):
     """The cache call on the GPU, on the caller's stream: append k_new/v_new, then decode (split-KV
     and merge). (out, lse) as the caller's arrays."""
     from . import _api
@@ -364,7 +383,7 @@ def _kvcache_gpu(a, origin, base, plan):
             out = _dispatch._empty(cupy, base.out_shape, base.dtype)
             lse = _dispatch._empty(cupy, base.lse_shape, numpy.float32)
             decode.flash_decode(q, k_cache, v_cache, cache_seqlens, block_table, slopes, out, lse, base,
-                                max_seqlen_k=max(plan.seqlens_k, default=0), k_new=k_new, v_new=v_new)
+                                max_seqlen_k=max_seqlen_k, k_new=k_new, v_new=v_new)
         return out, lse
 
     arrays = tuple(a[name] for name in ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "block_table",

@@ -391,6 +391,34 @@ def test_read_only_cache_with_appends_is_refused_and_unchanged():
         cuflash.attention_with_kvcache(q, k_cache, v_cache, numpy.array([1, 1], I32), k_new=new, v_new=new)
 
 
+@pytest.mark.parametrize("bound, error, message", [
+    (2.0, TypeError, "max_seqlen_k must be an int or None, got float"),
+    (-1, ValueError, "max_seqlen_k must be >= 0, got -1"),
+    (4, ValueError, r"max_seqlen_k = 4 is less than the longest sequence \(5\)"),
+])
+def test_bad_max_seqlen_k_of_a_cache_call_is_refused(bound, error, message):
+    """Host lengths are read and checked whatever the bound: one below them is refused."""
+    q, k_cache, v_cache = _cache_args()
+    new = _randn(numpy.random.default_rng(11), (2, 1, 2, 8))
+    with pytest.raises(error, match=message):
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, numpy.array([4, 2], I32), k_new=new, v_new=new,
+                                       max_seqlen_k=bound)
+
+
+def test_max_seqlen_k_on_the_host_changes_nothing():
+    q, k_cache, v_cache = _cache_args(page_size=4)
+    table = numpy.array([[0, 1], [2, 3]], I32)
+    lengths = numpy.array([3, 7], I32)
+    plain = cuflash.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=table, return_lse=True)
+    bounded = cuflash.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=table, return_lse=True,
+                                             max_seqlen_k=8)
+    for x, y in zip(plain, bounded):
+        numpy.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match=r"block_table\[1\] has page indices outside 0..5"):
+        cuflash.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=numpy.array([[0, 1], [2, 9]], I32),
+                                       max_seqlen_k=8)
+
+
 def test_k_new_without_v_new_is_refused():
     q, k_cache, v_cache = _cache_args()
     with pytest.raises(ValueError, match="k_new and v_new go together"):

@@ -100,10 +100,12 @@ struct DecodeParams {
     float* o_partial;            // (splits, B * Sq * Hq, Dv) normalized partial O of each split
     float* lse_partial;          // (splits, B * Sq * Hq) natural-log LSE of each split; -inf: no key
     i64 table_stride;            // elements between rows of block_table
+    i64 num_pages;               // pages of a paged cache: a page index is clamped into 0..num_pages-1
     int seqlen_new;              // S_new: keys appended to every sequence (already in the cache)
     int page_size;               // keys per page (paged)
     int splits;                  // CTAs sharing one (batch, kv head, row tile); 1: out, lse written directly
     int row_tiles;               // tiles of packed query rows (t, g) per (batch, kv head)
+    int capacity;                // keys one sequence's cache holds: Sk_b is clamped into 0..capacity
 };
 
 // Log-sum-exp merge of partial results (kernels/combine.cu). Row r = (b * Sq + t) * H + h of
@@ -132,7 +134,9 @@ struct AppendParams {
     const int* block_table;      // null for a dense cache
     Strides kn_st, vn_st, kc_st, vc_st;
     i64 table_stride;
+    i64 num_pages;               // as DecodeParams: positions and pages outside the cache are not written
     int batch, seqlen_new, heads_kv, head_dim, head_dim_v, page_size;
+    int capacity;
 };
 
 // A tensor map (the driver's CUtensorMap): 128 opaque bytes, 64-byte aligned, encoded on the host by

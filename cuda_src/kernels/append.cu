@@ -2,7 +2,9 @@
 // go to position cache_seqlens[b] + t of sequence b's cache, dense or paged (core/params.cuh's
 // AppendParams), on the caller's stream before the decode kernel reads them. The copy is of raw
 // elements of ELEM_BYTES bytes (2, 4 or 8): any dtype, any strides. The host refused appends of
-// two sequences into one slot, so no two threads write the same element.
+// two sequences into one slot, so no two threads write the same element. Where the caller left the
+// lengths and block table unchecked on the device, a position past the cache or a page outside it
+// is skipped: nothing is written outside the cache.
 #include "../core/params.cuh"
 
 #if !defined(ELEM_BYTES)
@@ -18,15 +20,17 @@ template <> struct Bits<4> { using type = u32; };
 template <> struct Bits<8> { using type = unsigned long long; };
 using Word = Bits<ELEM_BYTES>::type;
 
-// Element offset of position pos, head h, column d of sequence b in a cache with strides st.
-__device__ __forceinline__ i64 cache_offset(const AppendParams& p, const Strides& st, i64 b, int pos, int h, int d) {
+// Element offset of position pos (0 <= pos < capacity), head h, column d of sequence b in a cache
+// with strides st; -1 where the page lies outside the cache.
+__device__ __forceinline__ i64 cache_offset(const AppendParams& p, const Strides& st, i64 b, i64 pos, int h, int d) {
     i64 base;
     if (p.block_table == nullptr) {
-        base = b * st.b + static_cast<i64>(pos) * st.s;
+        base = b * st.b + pos * st.s;
     } else {
-        const int n = pos / p.page_size;
+        const i64 n = pos / p.page_size;
         const i64 page = p.block_table[b * p.table_stride + n];
-        base = page * st.b + static_cast<i64>(pos - n * p.page_size) * st.s;
+        if (page < 0 || page >= p.num_pages) return -1;
+        base = page * st.b + (pos - n * p.page_size) * st.s;
     }
     return base + static_cast<i64>(h) * st.h + static_cast<i64>(d) * st.d;
 }
@@ -51,7 +55,8 @@ extern "C" __global__ void __launch_bounds__(256) kv_append(const __grid_constan
         rest /= p.heads_kv;
         const int t = static_cast<int>(rest % p.seqlen_new);
         const i64 b = rest / p.seqlen_new;
-        const int pos = p.cache_seqlens[b] + t;
+        const i64 pos = static_cast<i64>(p.cache_seqlens[b]) + t;
+        if (pos < 0 || pos >= p.capacity) continue;
         const bool is_k = e < p.head_dim;
         const int d = is_k ? e : e - p.head_dim;
         const Strides& src_st = is_k ? p.kn_st : p.vn_st;
@@ -59,6 +64,7 @@ extern "C" __global__ void __launch_bounds__(256) kv_append(const __grid_constan
         Word* dst = static_cast<Word*>(is_k ? p.k_cache : p.v_cache);
         const i64 src_off = b * src_st.b + static_cast<i64>(t) * src_st.s + static_cast<i64>(h) * src_st.h +
                             static_cast<i64>(d) * src_st.d;
-        dst[cache_offset(p, is_k ? p.kc_st : p.vc_st, b, pos, h, d)] = src[src_off];
+        const i64 dst_off = cache_offset(p, is_k ? p.kc_st : p.vc_st, b, pos, h, d);
+        if (dst_off >= 0) dst[dst_off] = src[src_off];
     }
 }

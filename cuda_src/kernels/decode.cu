@@ -77,18 +77,20 @@ using Softmax = SoftmaxState<1, kNTiles, kDTiles>;
 
 // The rows of one kv head of a sequence's cache: key j starts at row(j). Dense: base is element
 // (b, 0, h, 0); paged: element (page 0, slot 0, h, 0), and key j lies in page pages[j / page_size]
-// at slot j % page_size. Only keys j < Sk_b are ever asked for: their pages are the ones the host
-// checked to be in range.
+// at slot j % page_size. Only keys j < Sk_b <= capacity are ever asked for, so j / page_size is a
+// column of block_table; a page index outside the cache (possible only where the caller left the
+// table unchecked on the device) is clamped into it: a wrong result, never a stray read.
 struct CacheRows {
     const char* base;
     const int* pages;  // the sequence's row of block_table; null for a dense cache
     i64 stride_page, stride_s;
     int page_size;
+    i64 num_pages;
 
     __device__ __forceinline__ const char* row(int j) const {
         if (pages == nullptr) return base + static_cast<i64>(j) * stride_s * kElemBytes;
         const int n = j / page_size;
-        const i64 page = __ldg(pages + n);
+        const i64 page = min(max(static_cast<i64>(__ldg(pages + n)), i64{0}), num_pages - 1);
         return base + (page * stride_page + static_cast<i64>(j - n * page_size) * stride_s) * kElemBytes;
     }
 };
@@ -292,7 +294,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
     const int group = f.group, seqlen_q = f.seqlen_q;
     const int r0 = row_tile * kBlockM;                       // first packed row of this CTA
     const int n_rows = min(kBlockM, seqlen_q * group - r0);  // its rows that are queries
-    const int seqlen_k = __ldg(p.cache_seqlens + b) + p.seqlen_new;
+    // Sk_b, clamped into the cache (a no-op for lengths the host checked; see CacheRows).
+    const int seqlen_k = static_cast<int>(
+        min(max(static_cast<i64>(__ldg(p.cache_seqlens + b)), i64{0}) + p.seqlen_new, static_cast<i64>(p.capacity)));
     const Mask mask{static_cast<i64>(seqlen_k) - seqlen_q, f.window_left, f.window_right, seqlen_q, seqlen_k};
 
     // The key tiles some row sees, cut into p.splits near-equal shares of whole tiles: each split
@@ -317,9 +321,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
     const int* const pages = paged ? p.block_table + b * p.table_stride : nullptr;
     const Loop loop{sQ, sK, sV,
                     CacheRows{static_cast<const char*>(f.k) + (b_or_page0 * f.k_st.b + h_kv * f.k_st.h) * kElemBytes,
-                              pages, f.k_st.b, f.k_st.s, p.page_size},
+                              pages, f.k_st.b, f.k_st.s, p.page_size, p.num_pages},
                     CacheRows{static_cast<const char*>(f.v) + (b_or_page0 * f.v_st.b + h_kv * f.v_st.h) * kElemBytes,
-                              pages, f.v_st.b, f.v_st.s, p.page_size},
+                              pages, f.v_st.b, f.v_st.s, p.page_size, p.num_pages},
                     tile_begin * kBlockN, seqlen_k, f.head_dim, f.head_dim_v, tid, warp, lane, f.k_st.d, f.v_st.d,
                     f.k, f.v};
 #pragma unroll

@@ -29,11 +29,14 @@ _MAX_GRID_X = 2**31 - 1
 
 
 def supported(problem):
-    """``(True, "")`` if the decode kernel computes ``problem``, else ``(False, reason)``."""
+    """``(True, "")`` if the decode kernel computes ``problem`` on the current GPU, else ``(False, reason)``."""
     name = numpy.dtype(problem.dtype).name
     if name not in variants.DECODE_DTYPES:
         return False, (f"the CUDA decode kernel takes {' and '.join(variants.DECODE_DTYPES)} caches, not {name} "
                        f"(use backend=\"numpy\" or \"auto\")")
+    reason = variants.unserved_dtype(variants.family(*runtime.compute_capability()), name)
+    if reason is not None:
+        return False, reason
     return True, ""
 
 
@@ -98,9 +101,10 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, block_table, slopes, out, l
             block_table = cupy.ascontiguousarray(block_table)
         if slopes is not None:
             slopes = cupy.ascontiguousarray(slopes)
-        key = (problem, device, fam, splits, seqlen_new, paged, k_cache.shape[1] if paged else 0,
-               block_table.strides if paged else None, runtime.layout_key(q), runtime.layout_key(k_cache),
-               runtime.layout_key(v_cache), runtime.layout_key(out), lse.strides)
+        # The record holds the cache's extent (_cache_extent): a paged cache's page count and table shape.
+        key = (problem, device, fam, splits, seqlen_new, k_cache.shape[:2] if paged else None,
+               (block_table.shape, block_table.strides) if paged else None, runtime.layout_key(q),
+               runtime.layout_key(k_cache), runtime.layout_key(v_cache), runtime.layout_key(out), lse.strides)
         plan = _plans.get(key)
         if plan is None:
             if len(_plans) > _MAX_PLANS:
@@ -135,10 +139,8 @@ class _Plan:
         grid_x = problem.batch * problem.heads_kv * tiles * splits
         if grid_x > _MAX_GRID_X:
             raise ValueError(f"batch * heads_kv * row tiles * splits = {grid_x} exceeds the CUDA grid limit")
-        paged = block_table is not None
-        record = params.decode(problem, q, k_cache, v_cache, out, lse,
-                               block_table.strides[0] // block_table.itemsize if paged else 0, seqlen_new,
-                               k_cache.shape[1] if paged else 0, splits, tiles, vector_loadable(out))
+        record = params.decode(problem, q, k_cache, v_cache, block_table, out, lse, seqlen_new, splits, tiles,
+                               vector_loadable(out))
         self.decode = runtime.Launch(kernel, (grid_x, 1, 1), (tile.warps * 32, 1, 1), defines["SMEM_BYTES"],
                                      params.Template(record, params.DECODE_POINTERS))
         self.splits = splits
@@ -243,8 +245,7 @@ def append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
             blocks = min(math.ceil(total / variants.APPEND_THREADS), 8 * sm_count(device))
             launch = _appends[key] = (kernel, (blocks, 1, 1), (variants.APPEND_THREADS, 1, 1))
         kernel, grid, block = launch
-        record = params.append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table,
-                               k_cache.shape[1] if paged else 0)
+        record = params.append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
         runtime.launch(kernel, grid, block, (record,))
 
 

@@ -229,8 +229,8 @@ def backward(fwd, dout, l2, dsum, dq_accum, dq, dk, dv, dk_strides, dv_strides, 
 DECODE = numpy.dtype([
     ("fwd", FWD),
     ("cache_seqlens", _PTR), ("block_table", _PTR), ("o_partial", _PTR), ("lse_partial", _PTR),
-    ("table_stride", _I64),
-    ("seqlen_new", _I32), ("page_size", _I32), ("splits", _I32), ("row_tiles", _I32),
+    ("table_stride", _I64), ("num_pages", _I64),
+    ("seqlen_new", _I32), ("page_size", _I32), ("splits", _I32), ("row_tiles", _I32), ("capacity", _I32),
 ], align=True)
 
 COMBINE = numpy.dtype([
@@ -245,9 +245,9 @@ APPEND = numpy.dtype([
     ("k_new", _PTR), ("v_new", _PTR), ("k_cache", _PTR), ("v_cache", _PTR), ("cache_seqlens", _PTR),
     ("block_table", _PTR),
     ("kn_st", STRIDES), ("vn_st", STRIDES), ("kc_st", STRIDES), ("vc_st", STRIDES),
-    ("table_stride", _I64),
+    ("table_stride", _I64), ("num_pages", _I64),
     ("batch", _I32), ("seqlen_new", _I32), ("heads_kv", _I32), ("head_dim", _I32), ("head_dim_v", _I32),
-    ("page_size", _I32),
+    ("page_size", _I32), ("capacity", _I32),
 ], align=True)
 
 _C_NAMES.update({DECODE: "cuflash::DecodeParams", COMBINE: "cuflash::CombineParams",
@@ -259,13 +259,29 @@ COMBINE_POINTERS = ("o_partial", "lse_partial", "out", "lse")
 APPEND_POINTERS = ("k_new", "v_new", "k_cache", "v_cache", "cache_seqlens", "block_table")
 
 
-def decode(problem, q, k_cache, v_cache, out, lse, table_stride, seqlen_new, page_size, splits, row_tiles, vec_out):
+def _cache_extent(p, k_cache, block_table):
+    """The fields saying where a cache ends: a dense cache (block_table None) holds k_cache.shape[1]
+    keys per sequence; a paged one block_table.shape[1] pages of k_cache.shape[1] keys each, among
+    k_cache.shape[0] pages. The kernels clamp lengths and page indices to them, so that lengths
+    and tables left unchecked on the device cannot move a read or write outside the cache."""
+    if block_table is None:
+        p["capacity"], p["num_pages"], p["page_size"], p["table_stride"] = k_cache.shape[1], 0, 0, 0
+    else:
+        # No pages: nothing to read, whatever the lengths say. The bound keeps tile arithmetic in
+        # int (forward.MAX_SEQLEN, which the launchers check the real lengths against).
+        pages = k_cache.shape[0]
+        p["capacity"] = min(block_table.shape[1] * k_cache.shape[1], 2**31 - 1024) if pages else 0
+        p["num_pages"], p["page_size"] = pages, k_cache.shape[1]
+        p["table_stride"] = block_table.strides[0] // block_table.itemsize
+
+
+def decode(problem, q, k_cache, v_cache, block_table, out, lse, seqlen_new, splits, row_tiles, vec_out):
     """The DecodeParams of a cache call (``problem`` the dense problem of q against one sequence of
     the cache, as ``_ragged.check_kvcache`` returns it); pointers are filled per call."""
     p = numpy.zeros((), DECODE)
     p["fwd"] = forward(problem, q, k_cache, v_cache, out, lse, None, 0, vec_out)
-    p["table_stride"] = table_stride
-    p["seqlen_new"], p["page_size"], p["splits"], p["row_tiles"] = seqlen_new, page_size, splits, row_tiles
+    _cache_extent(p, k_cache, block_table)
+    p["seqlen_new"], p["splits"], p["row_tiles"] = seqlen_new, splits, row_tiles
     return p[()]
 
 
@@ -279,16 +295,16 @@ def combine(out, lse, batch, seqlen_q, heads, head_dim_v, splits):
     return p[()]
 
 
-def append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, page_size):
+def append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
     """The AppendParams writing k_new, v_new (B, S_new, Hkv, .) into the caches (block_table None
     for a dense cache; both index vectors C-contiguous)."""
     p = numpy.zeros((), APPEND)
     for field, x in zip(APPEND_POINTERS, (k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)):
         p[field] = pointer(x)
     p["kn_st"], p["vn_st"], p["kc_st"], p["vc_st"] = (strides(x) for x in (k_new, v_new, k_cache, v_cache))
-    p["table_stride"] = 0 if block_table is None else block_table.strides[0] // block_table.itemsize
+    _cache_extent(p, k_cache, block_table)
     p["batch"], p["seqlen_new"], p["heads_kv"] = k_new.shape[0], k_new.shape[1], k_new.shape[2]
-    p["head_dim"], p["head_dim_v"], p["page_size"] = k_new.shape[3], v_new.shape[3], page_size
+    p["head_dim"], p["head_dim_v"] = k_new.shape[3], v_new.shape[3]
     return p[()]
 
 

@@ -328,6 +328,59 @@ def test_appends_at_cache_boundaries(page_size):
                             dict(causal=True, window=None, softcap=None), out, lse)
 
 
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_lengths_left_on_the_device_give_the_checked_call_bitwise(page_size):
+    """max_seqlen_k keeps cache_seqlens and block_table on the device, unread: with the true bound
+    the split count is the same, so out, lse and the appended caches are bitwise those of the
+    checked call."""
+    rng = numpy.random.default_rng(21)
+    B, Hkv, D, S_new, capacity = 3, 2, 64, 2, 256
+    q = cupy.asarray(rng.standard_normal((B, 2, Hkv * 4, D)).astype(F16))
+    k_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
+    v_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
+    new = {name: cupy.asarray(rng.standard_normal((B, S_new, Hkv, D)).astype(F16)) for name in ("k_new", "v_new")}
+    lengths = numpy.array([0, 77, capacity - S_new], I32)
+    table = None
+    if page_size is not None:
+        (k_cache, table), (v_cache, _) = paged(k_cache, page_size, 2), paged(v_cache, page_size, 2)
+        table = cupy.asarray(table)
+    results = []
+    for bound in (None, int(lengths.max()) + S_new):
+        kc, vc = cupy.asarray(k_cache), cupy.asarray(v_cache)
+        out, lse = cuflash.attention_with_kvcache(q, kc, vc, cupy.asarray(lengths), block_table=table, causal=True,
+                                                  return_lse=True, max_seqlen_k=bound, backend="cuda", **new)
+        results.append([x.get() for x in (out, lse, kc, vc)])
+    for checked, unchecked, name in zip(*results, ("out", "lse", "k_cache", "v_cache")):
+        numpy.testing.assert_array_equal(unchecked, checked, err_msg=name)
+
+
+@pytest.mark.parametrize("paged_cache", [False, True])
+def test_unchecked_bad_lengths_and_pages_stay_inside_the_cache(paged_cache):
+    """Lengths past the cache or negative and page indices outside it, left unchecked on the
+    device: nothing is written outside the cache (appends that would land there are skipped), the
+    reads are clamped into it, and every output is finite. The memory side of this is what
+    compute-sanitizer checks in bench/check_decode.sh; here the cache must come back unchanged."""
+    rng = numpy.random.default_rng(22)
+    B, Hkv, D, S_new, capacity = 3, 2, 64, 2, 64
+    q = cupy.asarray(rng.standard_normal((B, 1, Hkv * 2, D)).astype(F16))
+    k_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
+    v_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
+    new = {name: cupy.asarray(rng.standard_normal((B, S_new, Hkv, D)).astype(F16)) for name in ("k_new", "v_new")}
+    lengths = numpy.array([capacity + 5, -7, 2**31 - 2], I32)
+    table = None
+    if paged_cache:
+        (k_cache, table), (v_cache, _) = paged(k_cache, 16, 3), paged(v_cache, 16, 3)
+        table[1] = [-1, 10**6, -(2**31), 2**31 - 1]  # every page of sequence 1 outside the cache
+        table = cupy.asarray(table)
+    kc, vc = cupy.asarray(k_cache), cupy.asarray(v_cache)
+    out, lse = cuflash.attention_with_kvcache(q, kc, vc, cupy.asarray(lengths), block_table=table, return_lse=True,
+                                              max_seqlen_k=capacity, backend="cuda", **new)
+    cupy.cuda.Device().synchronize()
+    numpy.testing.assert_array_equal(kc.get(), k_cache)
+    numpy.testing.assert_array_equal(vc.get(), v_cache)
+    assert bool(cupy.isfinite(out).all()) and bool(cupy.isfinite(lse).all())
+
+
 def test_long_cache_many_splits_against_reference():
     """A 20k-key bf16 (or f16) cache in paged form with MQA-like grouping (16 query heads on one kv
     head, two row tiles) against the reference, with the heuristic's split count."""
