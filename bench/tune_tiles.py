@@ -1,6 +1,6 @@
 """Find spill-free tiles for the variants whose table tile spills registers (no GPU needed).
 
-    python bench/tune_tiles.py [--family sm90|sm80] [--pass fwd|bwd]
+    python bench/tune_tiles.py [--family sm90|sm80|sm75] [--pass fwd|bwd]
 
 Compiles every variant of the table (as the compile gate does, with spills as errors); for each
 that fails, tries alternative tiles in a fixed order (fewer CTAs promised per SM, a narrower
@@ -112,7 +112,12 @@ def tune(args):
 
     def run(job):
         what, fam, arch, kind_name, bucket, mods, which = job
-        names = variants.dtypes_of(kind_name)
+        names = [name for name in variants.dtypes_of(kind_name) if name in variants.family_dtypes(fam)]
+
+        def compiles_here(source, kernel, defines):
+            # With the family's own defines, as runtime.get_kernel compiles it (TURING for sm75).
+            return compiles(source, kernel, {**defines, **variants.family_defines(fam)}, arch)
+
         if what == "fwd":
             base = variants.FWD_TILES[(fam, kind_name)][bucket]
             base = base if which else base.element_wise()
@@ -120,8 +125,8 @@ def tune(args):
 
             def ok(tile):
                 return tile.smem_bytes(bucket, elem) <= limit[fam] and all(
-                    compiles(variants.FWD_SOURCE, variants.FWD_KERNEL,
-                             variants.fwd_defines(tile, bucket, n, which, mods), arch) for n in names)
+                    compiles_here(variants.FWD_SOURCE, variants.FWD_KERNEL,
+                                  variants.fwd_defines(tile, bucket, n, which, mods)) for n in names)
             candidates = fwd_candidates(base, kind_name)
         else:
             entry = variants.BWD_TILES[(fam, kind_name)][bucket]
@@ -131,11 +136,11 @@ def tune(args):
 
             def ok(tile):
                 if which == "dq":
-                    return all(compiles(variants.DQ_SOURCE, variants.DQ_KERNEL,
-                                        variants.dq_defines(tile, bucket, n, mods), arch) for n in names)
+                    return all(compiles_here(variants.DQ_SOURCE, variants.DQ_KERNEL,
+                                             variants.dq_defines(tile, bucket, n, mods)) for n in names)
                 fits = tile.smem_bytes(bucket, elem, True, atomic) <= limit[fam] or (atomic and fam == "sm80")
-                return fits and all(compiles(variants.dkdv_source(tile), variants.DKDV_KERNEL,
-                                             variants.dkdv_defines(tile, bucket, n, atomic, mods), arch)
+                return fits and all(compiles_here(variants.dkdv_source(tile), variants.DKDV_KERNEL,
+                                                  variants.dkdv_defines(tile, bucket, n, atomic, mods))
                                     for n in names)
             candidates = bwd_candidates(base, bucket)
         if ok(base):

@@ -154,7 +154,7 @@ def _plan(check, what, backend, operands, slopes, options):
         key = plan = None
     if plan is None:
         problem = check(*operands, alibi_slopes=slopes, backend=backend, what=what, **options)
-        plan = (problem, _dispatch.select(backend, problem))
+        plan = (problem, _dispatch.select(backend, problem, backward=check is check_backward))
         if key is not None:
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()

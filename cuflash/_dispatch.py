@@ -15,7 +15,7 @@ import threading
 import numpy
 
 from . import _numpy_backend
-from ._cuda import runtime
+from ._cuda import runtime, variants
 from ._errors import BackendUnavailableError
 from ._interop import host_empty
 
@@ -80,7 +80,7 @@ class NumpyBackend:
 
     name = "numpy"
 
-    def refusal(self, problem):
+    def refusal(self, problem, backward=False):
         return None
 
     def forward(self, q, k, v, slopes, problem):
@@ -105,13 +105,17 @@ class CudaBackend:
     name = "cuda"
     dtypes = ("float16", "bfloat16", "float32", "float64")
 
-    def refusal(self, problem):
+    def refusal(self, problem, backward=False):
+        """Why the kernels cannot run ``problem``'s forward (or ``backward``) here, or None: no usable
+        GPU, a dtype they never take, or one the current GPU's family has no kernel for
+        (``variants.unserved``: bfloat16, float32 and float64 on Turing, its backward past d = 224)."""
         ok, reason = runtime.gpu_available()
         if not ok:
             return reason
         if problem.dtype.name not in self.dtypes:
             return f"the CUDA kernels take {', '.join(self.dtypes)}, not {problem.dtype.name}"
-        return None
+        return variants.unserved(variants.family(*runtime.compute_capability()), problem.dtype.name,
+                                 problem.head_dim, problem.head_dim_v, backward)
 
     @staticmethod
     def _device_arrays(*arrays):
@@ -171,18 +175,19 @@ BACKENDS = {"numpy": NumpyBackend(), "cuda": CudaBackend()}
 _FLOAT64_AUTO = Float64Auto()
 
 
-def select(requested, problem):
-    """The backend to run: the one requested, or for "auto" CUDA when it can, else NumPy (float64:
-    CUDA for GPU operands, NumPy for host ones; ``Float64Auto``)."""
+def select(requested, problem, backward=False):
+    """The backend to run ``problem``'s forward (or ``backward``): the one requested, or for "auto"
+    CUDA when it can, else NumPy (float64: CUDA for GPU operands, NumPy for host ones;
+    ``Float64Auto``)."""
     if requested != "auto":
         backend = BACKENDS[requested]
-        reason = backend.refusal(problem)
+        reason = backend.refusal(problem, backward)
         if reason is not None:
             raise BackendUnavailableError(f"backend={requested!r} cannot run this call: {reason}")
         return backend
     refusals = {}
     for backend in (BACKENDS["cuda"], BACKENDS["numpy"]):
-        reason = backend.refusal(problem)
+        reason = backend.refusal(problem, backward)
         if reason is None:
             if backend is BACKENDS["cuda"] and problem.dtype == numpy.float64:
                 return _FLOAT64_AUTO

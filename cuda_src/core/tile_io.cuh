@@ -108,11 +108,12 @@ __device__ __forceinline__ void load_vec(u32 smem, const T* src, int tid) {
 
 // Adds one 16x16 block of dQ (accumulator layout: two n8 tiles c0, c1) into the float32 workspace,
 // whose rows are RowElems apart. On sm_90 two quad neighbours swap pairs so each lane adds 4
-// consecutive columns with one vector reduction, 4x fewer atomic operations than scalar adds.
+// consecutive columns with one vector reduction, 4x fewer atomic operations than scalar adds (not
+// in the sm75 family's variants, which keep Turing's scalar adds wherever they run).
 template <int RowElems>
 __device__ __forceinline__ void add_dq_block(float* rows, const float (&c0)[4], const float (&c1)[4], int lane) {
     const int g = lane >> 2, t = lane & 3;
-#if __CUDA_ARCH__ >= 900
+#if __CUDA_ARCH__ >= 900 && !TURING
     const bool even = (t & 1) == 0;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {

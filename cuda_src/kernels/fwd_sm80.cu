@@ -85,11 +85,11 @@ static_assert((kRowBytes / 4) % 32 == 4 || (kRowBytes / 4) % 32 == 20,
 
 // Tile loads through core/tile_io.cuh; float32 element loads of many passes stay rolled (unrolled,
 // the loads of every pass are issued at once, and their values and 64-bit addresses do not fit
-// beside O_i).
+// beside O_i), as do Turing's (the sm75 family's d = 256 tiles spill otherwise).
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, int nrows, int ncols, int tid) {
     constexpr int kPasses = (ROWS + kThreads / kRowChunks - 1) / (kThreads / kRowChunks);
-    constexpr int kElemUnroll = kIsF32 && kPasses >= 8 ? 1 : kPasses;
+    constexpr int kElemUnroll = (kIsF32 || TURING) && kPasses >= 8 ? 1 : kPasses;
     cuflash::load_tile<ROWS, kHeadDim, kElemBytes, kThreads, PaddedRows<kRowBytes>, VEC_LOAD != 0, kElemUnroll>(
         smem, t, row0, nrows, ncols, tid);
 }

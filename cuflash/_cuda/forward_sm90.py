@@ -39,6 +39,9 @@ def route(problem, q, k, v):
     major, minor = runtime.compute_capability(q.device.id)
     if (major, minor) != (9, 0):
         return False, f"compute capability {major}.{minor} (the kernel is built for sm_90a)"
+    fam = variants.family(major, minor)
+    if fam != "sm90":
+        return False, f"the {fam} family's kernels are chosen for this GPU"
     name = numpy.dtype(problem.dtype).name
     if variants.fwd_sm90_tile(name, problem.head_dim, problem.head_dim_v) is None:
         return False, f"{name} with D = {problem.head_dim}, Dv = {problem.head_dim_v} (16-bit, max(D, Dv) <= 128 only)"

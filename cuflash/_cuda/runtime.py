@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from .._errors import KernelCompileError, KernelLaunchError
+from . import variants
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
@@ -98,8 +99,8 @@ def gpu_available() -> tuple[bool, str]:
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     except Exception as exc:
         return False, f"the CUDA device cannot be queried ({type(exc).__name__}: {exc})"
-    if major < 8:
-        return False, f"{name} has compute capability {major}.{minor}; cuflash's kernels need 8.0 or newer"
+    if (major, minor) < (7, 5):
+        return False, f"{name} has compute capability {major}.{minor}; cuflash's kernels need 7.5 or newer"
     try:
         from cupy_backends.cuda.libs import nvrtc
 
@@ -124,9 +125,12 @@ _compute_capabilities = {}
 
 
 def arch_options(major, minor):
-    """NVRTC options for a compute capability: sm_90a on Hopper so wgmma/setmaxnreg paths compile."""
+    """NVRTC options for a compute capability: sm_90a on Hopper so wgmma/setmaxnreg paths compile,
+    sm_75 on Turing (the sm75 family's architecture, as the compile gate builds it)."""
     if (major, minor) == (9, 0):
         return ("-arch=sm_90a",)
+    if (major, minor) == (7, 5):
+        return ("-arch=sm_75",)
     return ()
 
 
@@ -134,10 +138,14 @@ _modules = {}
 
 
 def get_kernel(filename, kernel_name, defines):
-    """The compiled ``kernel_name`` of ``cuda_src/<filename>`` for the current device, compiled once per process."""
+    """The compiled ``kernel_name`` of ``cuda_src/<filename>`` for the current device, compiled once per process.
+
+    The device's architecture family adds its defines (``variants.family_defines``): the sm75
+    family's select the sm_75 code paths, on a Turing GPU or wherever that family is chosen."""
     import cupy
 
     device_id = cupy.cuda.Device().id
+    defines = {**defines, **variants.family_defines(variants.family(*compute_capability(device_id)))}
     key = (device_id, filename, kernel_name, tuple(sorted(defines.items())))
     kernel = _modules.get(key)
     if kernel is not None:

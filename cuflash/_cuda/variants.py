@@ -9,8 +9,12 @@ and the benchmarks read the same entries. The kernels check the defines with ``s
 Tile fields have one naming everywhere: ``block_m`` queries and ``block_n`` keys per tile; which
 of the two a CTA owns and which it streams is the kernel's role (stated per kernel below).
 
-Architecture families: "sm90" for compute capability 9.x (built for sm_90a), "sm80" for every
-other GPU from 8.0 on (built for sm_80). bench/NOTES.md records the measurements behind each entry.
+Architecture families: "sm90" for compute capability 9.x (built for sm_90a), "sm75" for Turing,
+7.5 (built for sm_75: float16 only, ``FAMILY_DTYPES``), "sm80" for every other GPU from 8.0 on
+(built for sm_80). A family's variants carry its ``family_defines`` (the sm75 family's select the
+sm_75 code of ``core/ptx.cuh``), added by ``runtime.get_kernel`` from the device's family, so a
+family forced onto another GPU runs that family's code. bench/NOTES.md records the measurements
+behind each entry.
 
 Element kinds: "16bit" (float16, bfloat16), "float32" and "float64". float64 has kernels of its own
 (``kernels/fwd_f64.cu``, ``bwd_dkdv_f64.cu``, ``bwd_dq_f64.cu``: FP64 tensor cores, float64
@@ -27,8 +31,25 @@ from .._errors import BackendUnavailableError
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}
 # The architectures the compile gate builds each family for.
-FAMILY_ARCHS = {"sm80": ("sm_80",), "sm90": ("sm_90a",)}
-SMEM_LIMITS = {"sm80": 99 * 1024, "sm90": 227 * 1024}
+FAMILY_ARCHS = {"sm75": ("sm_75",), "sm80": ("sm_80",), "sm90": ("sm_90a",)}
+# Dynamic shared memory a CTA may have, and threads an SM holds (the smallest of the family's GPUs:
+# sm_86/sm_89 for sm80), which bounds warps x min_blocks of a tile.
+SMEM_LIMITS = {"sm75": 64 * 1024, "sm80": 99 * 1024, "sm90": 227 * 1024}
+SM_THREADS = {"sm75": 1024, "sm80": 1536, "sm90": 2048}
+
+# Families whose kernels take only some dtypes. A dtype or head dim a family has no kernel for is
+# routed as every configuration no kernel serves: backend="auto" runs it on the NumPy backend,
+# backend="cuda" refuses it, saying why (``unserved``). Turing has f16 tensor cores only: the
+# bfloat16 products, the float32 kernels' tf32 products and the float64 kernels' FP64 tensor cores
+# all need sm_80, and computing bfloat16 as float16 would change its range.
+FAMILY_DTYPES = {"sm75": ("float16",)}
+FAMILY_NAMES = {"sm75": "compute capability 7.5 (Turing)", "sm80": "compute capability 8.0 and newer (Hopper aside)",
+                "sm90": "compute capability 9.0 (Hopper)"}
+_NO_KERNEL_WHY = {
+    ("sm75", "bfloat16"): "Turing has no bfloat16 tensor-core products",
+    ("sm75", "float32"): "the float32 kernels multiply on tf32 tensor cores, which need compute capability 8.0",
+    ("sm75", "float64"): "the float64 kernels multiply on FP64 tensor cores, which need compute capability 8.0",
+}
 
 # What every kernel below serves. A kernel that serves less states its own set, and the launchers
 # refuse a problem that asks for more (so a future kernel cannot silently drop a feature).
@@ -39,7 +60,51 @@ SCORE_MOD_BITS = {"softcap": 1, "alibi": 2}
 
 
 def family(major, minor):
-    return "sm90" if major == 9 else "sm80"
+    if major == 9:
+        return "sm90"
+    return "sm75" if major == 7 and minor >= 5 else "sm80"
+
+
+def family_dtypes(fam):
+    """The dtypes a family's kernels take."""
+    return FAMILY_DTYPES.get(fam, tuple(DTYPE_CODES))
+
+
+def unserved_dtype(fam, dtype_name):
+    """Why family ``fam`` has no kernel for ``dtype_name`` (naming the dtype and the compute
+    capability), or None when it has."""
+    if dtype_name in family_dtypes(fam) or dtype_name not in DTYPE_CODES:
+        return None
+    return (f"on {FAMILY_NAMES[fam]} the GPU kernels take {' and '.join(family_dtypes(fam))} only, not "
+            f"{dtype_name}: {_NO_KERNEL_WHY[(fam, dtype_name)]}")
+
+
+def unserved(fam, dtype_name, head_dim, head_dim_v, backward=False):
+    """Why no kernel of family ``fam`` computes the forward (or the ``backward``) of a problem of
+    this dtype and these head dims, or None when one does. A head dim past a family's backward
+    table (BWD_TILES) has no backward there."""
+    reason = unserved_dtype(fam, dtype_name)
+    if reason is not None or not backward or dtype_name not in DTYPE_CODES:
+        return reason
+    largest = max(BWD_TILES[(fam, kind(dtype_name))])
+    d = max(head_dim, head_dim_v)
+    if d > largest:
+        return (f"on {FAMILY_NAMES[fam]} the backward kernels take head dims up to {largest}, not {d} (no dK/dV "
+                f"tile of that width fits the shared memory without spilling registers)")
+    return None
+
+
+def require_dtype(fam, dtype_name):
+    """Raise BackendUnavailableError when family ``fam`` has no kernel for ``dtype_name``."""
+    reason = unserved_dtype(fam, dtype_name)
+    if reason is not None:
+        raise BackendUnavailableError(reason)
+
+
+def family_defines(fam):
+    """The defines every variant of family ``fam`` carries besides its own: TURING selects the
+    sm_75 code of core/ptx.cuh (runtime.get_kernel adds these from the device's family)."""
+    return {"TURING": 1} if fam == "sm75" else {}
 
 
 def kind(dtype_name):
@@ -172,6 +237,11 @@ FWD_TILES = {
     ("sm80", "16bit"): {32: _F(128, 64, 4, 2), 64: _F(128, 64, 4, 2), 96: _F(128, 64, 4, 2),
                         128: _F(128, 32, 4, 2), 160: _F(64, 32, 4, 2), 192: _F(64, 32, 4, 2),
                         224: _F(64, 16, 4, 2), 256: _F(64, 16, 4, 2)},
+    # The sm80 family's tiles with block_n halved until Q_i and two K_j/V_j stages fit Turing's 64 KiB
+    # (then block_m, at d = 256). Not tuned on a Turing GPU.
+    ("sm75", "16bit"): {32: _F(128, 64, 4, 2), 64: _F(128, 64, 4, 2), 96: _F(128, 32, 4, 2),
+                        128: _F(128, 16, 4, 2), 160: _F(64, 32, 4, 2), 192: _F(64, 16, 4, 2),
+                        224: _F(64, 16, 4, 2), 256: _F(32, 16, 2, 2)},
     ("sm90", "float32"): {32: _F(128, 64, 8, 2, min_blocks=2), 64: _F(128, 32, 8, 2),
                           96: _F(128, 32, 8, 2, split_q=True), 128: _F(128, 32, 8, 2, split_q=True),
                           160: _F(128, 32, 8, 2, max_regs=160), 192: _F(128, 16, 8, 2),
@@ -280,6 +350,7 @@ def ragged_served(fam, dtype_name, head_dim, head_dim_v, mods):
 def fwd_tile(fam, dtype_name, head_dim, head_dim_v, mods=0, vec=True, seq_mode=SEQ_DENSE):
     """``(tile, bucket)`` of the forward for a family, dtype, head dims, SCORE_MODS, load path and
     SEQ_MODE."""
+    require_dtype(fam, dtype_name)
     kind_name = kind(dtype_name)
     table = FWD_TILES[(fam, kind_name)]
     bucket = head_dim_bucket(head_dim, head_dim_v, table)
@@ -470,6 +541,21 @@ BWD_TILES = {
         224: _E(_K(32, 32, 4, 2, 2, 2), _R(32, 16, 4, 2)),
         256: _E(_K(32, 32, 4, 2, 2, 2, stages=1), _R(32, 16, 4, 2)),
     },
+    # Turing's 64 KiB: the sm80 family's tiles with the streamed tile (dQ) or the keys (dK/dV) halved
+    # until they fit, then one query stage (STAGES 1; Turing's loads are synchronous, so a second
+    # stage would not overlap them with the products anyway). No bucket 256: the only dK/dV tiles
+    # that fit (two warps owning 16 keys, dK and dV in 128 registers a thread) spill with every
+    # unroll tried, so head dims past 224 have no backward on Turing (``unserved``).
+    # Not tuned on a Turing GPU.
+    ("sm75", "16bit"): {
+        32: _E(_K(64, 64, 4, 2, 2, 2), _R(128, 64, 8)),
+        64: _E(_K(32, 64, 4, 2, 2, 2), _R(128, 32, 8)),
+        96: _E(_K(32, 64, 4, 2, 2, 2), _R(64, 32, 4)),
+        128: _E(_K(32, 32, 4, 2, 2, 2), _R(64, 16, 4)),
+        160: _E(_K(32, 32, 4, 2, 2, 2, stages=1), _R(32, 16, 4, 2)),
+        192: _E(_K(32, 32, 4, 2, 2, 2, stages=1), _R(32, 16, 4, 2)),
+        224: _E(_K(32, 32, 4, 2, 2, 2, stages=1), _R(32, 16, 4, 2)),
+    },
     ("sm90", "float32"): {
         32: _E(_R(32, 128, 8, split_stream=True), _R(64, 32, 8, 2)),
         64: _E(_R(32, 128, 8, split_stream=True), _R(64, 32, 8, 2)),
@@ -578,12 +664,17 @@ RAGGED_SPILL_TILES = {
     ('sm90', 'float64', 192, 3, 'dkdv'): F64RowsTile(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
     ('sm90', 'float64', 96, 1, 'dkdv_atomic'): F64RowsTile(block_m=16, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
     ('sm90', '16bit', 256, 2, 'dq'): _R(block_m=64, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
+    ('sm75', '16bit', 224, 2, 'dkdv_atomic'): _K(block_m=32, block_n=16, warps=2, warps_n_sdp=1, warps_n_dkv=1, warps_m_dq=1, stages=1, min_blocks=1, kk_unroll=2, dq_unroll=0),
+    ('sm75', '16bit', 224, 3, 'dkdv_atomic'): _K(block_m=32, block_n=16, warps=2, warps_n_sdp=1, warps_n_dkv=1, warps_m_dq=1, stages=1, min_blocks=1, kk_unroll=2, dq_unroll=0),
 }
 
 
 def bwd_entry(fam, dtype_name, head_dim, head_dim_v, mods=0, seq_mode=SEQ_DENSE):
     """``(entry, bucket)`` of the backward for a family, dtype, head dims, SCORE_MODS and SEQ_MODE;
     the entry's dK/dV tile is the atomic variant's (``dkdv_tile`` gives either)."""
+    reason = unserved(fam, dtype_name, head_dim, head_dim_v, backward=True)
+    if reason is not None:
+        raise BackendUnavailableError(reason)
     kind_name = kind(dtype_name)
     bucket = head_dim_bucket(head_dim, head_dim_v)
     base = BWD_TILES[(fam, kind_name)][bucket]
@@ -596,6 +687,7 @@ def bwd_entry(fam, dtype_name, head_dim, head_dim_v, mods=0, seq_mode=SEQ_DENSE)
 
 def dkdv_tile(fam, dtype_name, bucket, mods, dq_atomic, seq_mode=SEQ_DENSE):
     """The dK/dV tile of one variant."""
+    require_dtype(fam, dtype_name)
     kind_name = kind(dtype_name)
     role = "dkdv_atomic" if dq_atomic else "dkdv"
     key = (fam, kind_name, bucket, mods, role)
@@ -707,8 +799,9 @@ SCORE_MOD_SETS = (0, 1, 2, 3)
 
 
 def instantiations(fam=None):
-    """Every ``(source, kernel, defines)`` a launcher can choose (on family ``fam`` only, if given).
-    An entry of the "sm90" family runs only on compute capability 9.x."""
+    """Every ``(source, kernel, defines)`` a launcher can choose (on family ``fam`` only, if given),
+    each with its family's ``family_defines``. An entry of the "sm90" family runs only on compute
+    capability 9.x."""
     seen = []
 
     def add(entry):
@@ -718,35 +811,45 @@ def instantiations(fam=None):
     for (f, kind_name), table in FWD_TILES.items():
         if fam is not None and f != fam:
             continue
+        extra = family_defines(f)
         for bucket in table:
-            for name in dtypes_of(kind_name):
+            for name in _served(f, kind_name):
                 for mods in SCORE_MOD_SETS:
                     for vec in (1, 0):
                         for seq in SEQ_MODES:
                             if seq == SEQ_RAGGED and not ragged_served(f, name, bucket, bucket, mods):
                                 continue
                             tile, _ = fwd_tile(f, name, bucket, bucket, mods, vec, seq)
-                            add((fwd_source(tile), FWD_KERNEL, fwd_defines(tile, bucket, name, vec, mods, seq)))
+                            add((fwd_source(tile), FWD_KERNEL,
+                                 {**fwd_defines(tile, bucket, name, vec, mods, seq), **extra}))
     for (f, kind_name), table in BWD_TILES.items():
         if fam is not None and f != fam:
             continue
+        extra = family_defines(f)
         for bucket in table:
-            for name in dtypes_of(kind_name):
+            for name in _served(f, kind_name):
                 for mods in SCORE_MOD_SETS:
                     for seq in SEQ_MODES:
                         for atomic in (True, False):
                             tile = dkdv_tile(f, name, bucket, mods, atomic, seq)
-                            add((dkdv_source(tile), DKDV_KERNEL, dkdv_defines(tile, bucket, name, atomic, mods, seq)))
+                            add((dkdv_source(tile), DKDV_KERNEL,
+                                 {**dkdv_defines(tile, bucket, name, atomic, mods, seq), **extra}))
                         entry, _ = bwd_entry(f, name, bucket, bucket, mods, seq)
-                        add((dq_source(entry.dq), DQ_KERNEL, dq_defines(entry.dq, bucket, name, mods, seq)))
-    for name in DTYPE_CODES:
-        add((AUX_SOURCE, PREPROCESS_KERNEL, aux_defines(name)))
-        add((AUX_SOURCE, CONVERT_KERNEL, aux_defines(name)))
+                        add((dq_source(entry.dq), DQ_KERNEL, {**dq_defines(entry.dq, bucket, name, mods, seq), **extra}))
+    for f in FAMILY_ARCHS if fam is None else (fam,):
+        for name in family_dtypes(f):
+            add((AUX_SOURCE, PREPROCESS_KERNEL, {**aux_defines(name), **family_defines(f)}))
+            add((AUX_SOURCE, CONVERT_KERNEL, {**aux_defines(name), **family_defines(f)}))
     for entry in decode_instantiations(fam):
         add(entry)
     for entry in fwd_sm90_instantiations(fam):
         add(entry)
     return seen
+
+
+def _served(fam, kind_name):
+    """The dtypes of an element kind that family ``fam`` has kernels for."""
+    return [name for name in dtypes_of(kind_name) if name in family_dtypes(fam)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,8 +891,8 @@ class DecodeTile:
 
     def ctas_per_sm(self, bucket, fam):
         """CTAs of this tile one SM holds by shared memory (1 KiB reserved per CTA; sm_90: 228 KiB
-        per SM, the sm80 family's smallest: 100 KiB), at most 4."""
-        per_sm = {"sm90": 228 * 1024, "sm80": 100 * 1024}[fam]
+        per SM, the sm80 family's smallest: 100 KiB, Turing: 64 KiB), at most 4."""
+        per_sm = {"sm90": 228 * 1024, "sm80": 100 * 1024, "sm75": 64 * 1024}[fam]
         return max(1, min(4, per_sm // (self.smem_bytes(bucket) + 1024)))
 
 
@@ -806,6 +909,10 @@ DECODE_TILES = {
                         256: _D(64, 4, 3)},
     ("sm80", "16bit"): {32: _D(128, 4, 4), 64: _D(64, 4, 4), 96: _D(64, 4, 3), 128: _D(64, 4, 2),
                         160: _D(64, 4, 2), 192: _D(32, 2, 3), 224: _D(32, 2, 3), 256: _D(32, 2, 2)},
+    # Turing loads synchronously, so no stage beyond the second keeps bytes in flight: two stages,
+    # block_n (then warps) halved to fit 64 KiB.
+    ("sm75", "16bit"): {32: _D(128, 4, 2), 64: _D(64, 4, 2), 96: _D(64, 4, 2), 128: _D(32, 2, 2),
+                        160: _D(32, 2, 2), 192: _D(32, 2, 2), 224: _D(16, 1, 2), 256: _D(16, 1, 2)},
 }
 
 # What the decode kernel serves: everything the dense forward does (the mask, score modifiers,
@@ -817,6 +924,7 @@ def decode_tile(fam, dtype_name, head_dim, head_dim_v):
     """``(tile, bucket)`` of the decode kernel for a family, a 16-bit dtype and head dims."""
     if dtype_name not in DECODE_DTYPES:
         raise ValueError(f"the decode kernel takes {', '.join(DECODE_DTYPES)}, not {dtype_name}")
+    require_dtype(fam, dtype_name)
     table = DECODE_TILES[(fam, kind(dtype_name))]
     bucket = head_dim_bucket(head_dim, head_dim_v, table)
     return table[bucket], bucket
@@ -869,16 +977,24 @@ def decode_splits(ctas, key_tiles, sm_count, ctas_per_sm):
 
 
 def decode_instantiations(fam=None):
-    """Every decode, combine and append instantiation (on family ``fam`` only, if given)."""
+    """Every decode, combine and append instantiation (on family ``fam`` only, if given), each with
+    its family's ``family_defines``."""
     out = []
     for (f, kind_name), table in DECODE_TILES.items():
         if fam is not None and f != fam:
             continue
+        extra = family_defines(f)
         for bucket, tile in table.items():
-            for name in dtypes_of(kind_name):
+            for name in _served(f, kind_name):
                 for mods in SCORE_MOD_SETS:
                     for vec in (1, 0):
-                        out.append((DECODE_SOURCE, DECODE_KERNEL, decode_defines(tile, bucket, name, vec, mods)))
-    out += [(COMBINE_SOURCE, COMBINE_KERNEL, combine_defines(name)) for name in COMBINE_DTYPES]
-    out += [(APPEND_SOURCE, APPEND_KERNEL, append_defines(size)) for size in (2, 4, 8)]
+                        out.append((DECODE_SOURCE, DECODE_KERNEL, {**decode_defines(tile, bucket, name, vec, mods),
+                                                                   **extra}))
+    for f in FAMILY_ARCHS if fam is None else (fam,):
+        extra = family_defines(f)
+        for entry in ([(COMBINE_SOURCE, COMBINE_KERNEL, {**combine_defines(name), **extra})
+                       for name in COMBINE_DTYPES if name in family_dtypes(f)]
+                      + [(APPEND_SOURCE, APPEND_KERNEL, {**append_defines(size), **extra}) for size in (2, 4, 8)]):
+            if entry not in out:
+                out.append(entry)
     return out
