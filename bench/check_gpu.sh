@@ -2,7 +2,7 @@
 # The GPU verification of a change, in stages that each fit a 10-minute run (from the repository
 # root; logs and JSON to $OUT, default ./out):
 #
-#     bash bench/check_gpu.sh compile     # every kernel variant of both families, for this GPU
+#     bash bench/check_gpu.sh compile     # every kernel variant of every family, for this GPU
 #     bash bench/check_gpu.sh tests       # tests/gpu (all of it) and the CPU tests that touch the GPU path
 #     bash bench/check_gpu.sh sanitize    # compute-sanitizer memcheck, racecheck and synccheck sweeps
 #     bash bench/check_gpu.sh bench       # side by side with SDPA (flash, cuDNN) and FlexAttention
@@ -26,7 +26,7 @@ run() {  # run NAME TIMEOUT COMMAND...: log to $out/NAME.log, show its tail, rem
 for stage in "$@"; do
     case $stage in
     compile)
-        run prewarm 560 $python bench/prewarm.py --family sm90,sm80
+        run prewarm 560 $python bench/prewarm.py --family sm90,sm80,sm75
         ;;
     tests)
         run gpu_tests 560 $python -m pytest -q -p no:cacheprovider -x tests/gpu
