@@ -192,10 +192,10 @@ def vector_copies(*arrays):
 
 
 def with_copies(arrays, copies):
-    """``arrays`` with the ones ``copies`` marks replaced by contiguous copies (on the current stream)."""
-    import cupy
-
-    return [cupy.ascontiguousarray(x) if copy else x for x, copy in zip(arrays, copies)]
+    """``arrays`` with the ones ``copies`` marks replaced by fresh contiguous copies (on the current
+    stream). Always a new allocation: a misaligned view can be C-contiguous already, and
+    ``ascontiguousarray`` would hand it back unchanged."""
+    return [x.copy(order="C") if copy else x for x, copy in zip(arrays, copies)]
 
 
 def element_strides(x):
