@@ -354,6 +354,45 @@ def test_lengths_left_on_the_device_give_the_checked_call_bitwise(page_size):
         numpy.testing.assert_array_equal(unchecked, checked, err_msg=name)
 
 
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_a_decoding_step_with_max_seqlen_k_replays_in_a_cupy_graph(page_size):
+    """One decoding step (append one token, attend) captured once and replayed while the lengths
+    advance on the device: each replay equals the eager call at that length, bitwise (same split
+    count: the heuristic reads only the bound), and appends where the eager call appends."""
+    rng = numpy.random.default_rng(23)
+    B, Hkv, D, capacity = 2, 2, 64, 128
+    k_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
+    v_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
+    table = None
+    if page_size is not None:
+        (k_cache, table), (v_cache, _) = paged(k_cache, page_size, 4), paged(v_cache, page_size, 4)
+        table = cupy.asarray(table)
+    q, k_new, v_new = (cupy.asarray(rng.standard_normal((B, 1, Hkv * s, D)).astype(F16)) for s in (4, 1, 1))
+    kc, vc = cupy.asarray(k_cache), cupy.asarray(v_cache)
+    lengths = cupy.asarray(numpy.array([5, 40], I32))
+
+    def step(k_cache_, v_cache_, lengths_):
+        return cuflash.attention_with_kvcache(q, k_cache_, v_cache_, lengths_, k_new=k_new, v_new=v_new,
+                                              block_table=table, causal=True, return_lse=True, max_seqlen_k=capacity,
+                                              backend="cuda")
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        step(kc.copy(), vc.copy(), lengths.copy())  # compiles the kernels, which a capture cannot contain
+        stream.begin_capture()
+        captured = step(kc, vc, lengths)
+        graph = stream.end_capture()
+        for _ in range(3):
+            kc_eager, vc_eager, lengths_eager = kc.copy(), vc.copy(), lengths.copy()
+            graph.launch()
+            expected = step(kc_eager, vc_eager, lengths_eager)
+            stream.synchronize()
+            for got, want in zip((*captured, kc, vc), (*expected, kc_eager, vc_eager)):
+                numpy.testing.assert_array_equal(got.get(), want.get())
+            lengths += 1
+            q[...] = cupy.asarray(rng.standard_normal(q.shape).astype(F16))
+
+
 @pytest.mark.parametrize("paged_cache", [False, True])
 def test_unchecked_bad_lengths_and_pages_stay_inside_the_cache(paged_cache):
     """Lengths past the cache or negative and page indices outside it, left unchecked on the
