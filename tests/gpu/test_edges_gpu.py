@@ -86,10 +86,10 @@ def test_layout_does_not_change_the_bits(dtype, layout):
 
 
 # Known gap, measured on an H100: the 3xTF32 float32 kernels give 1.1e-7 / 7.6e-8 / 7.4e-8 against
-# naive float32's 4.2e-8 / 1.4e-8 / 1.2e-8 at Sk = 4k / 64k / 256k (2.6x / 5.3x / 6.4x). Likely
-# sources, not yet separated by measurement: the split operands carry about 22 bits (not 24), an
-# error of several float32 ulps on every score, and O_i adds one rounded k8-step product per 8 keys
-# into one accumulator (bench/NOTES.md, "float32 accuracy"). Strict:
+# naive float32's 4.2e-8 / 1.4e-8 / 1.2e-8 at Sk = 4k / 64k / 256k (2.6x / 5.3x / 6.4x). The
+# kernel's arithmetic emulated on the CPU (bench/emulate_float32.py) puts it on the long float32
+# sums of O_i (one rounded add per k8 step) and of each lane's l_i, not on the 3xTF32 scores, and
+# predicts about 1x naive with both sums compensated (bench/NOTES.md). Strict:
 # the day the kernels meet the rule, this turns red until the mark goes.
 @pytest.mark.xfail(strict=True, reason="float32 GPU error is 2.6-6.4x a naive float32 computation's over long Sk")
 @pytest.mark.parametrize("Sk", [4096, 65536, 262144])
