@@ -25,7 +25,8 @@ import cuflash
 from cuflash import distributed
 from cuflash._combine import combine, merge
 
-from .helpers import BFLOAT16, assert_close, magnitudes, make_inputs, mask_of, naive_same_dtype, windows
+from .helpers import (BFLOAT16, assert_close, assert_ring_equals_single_device, magnitudes, make_inputs, mask_of,
+                      naive_same_dtype, windows)
 
 SEEDS = st.integers(0, 2**32 - 1)
 LAYOUT = st.sampled_from(distributed.LAYOUTS)
@@ -238,22 +239,6 @@ def _single_device(q, k, v, dout, **options):
     return (out, lse) + tuple(cuflash.attention_backward(dout, q, k, v, out, lse, backend="numpy", **options))
 
 
-def _assert_equal_within_rounding(ring, single, q, k, v, dout, scale=None):
-    eps = 1e-13 if q.dtype == numpy.float64 else 4e-6
-    sizes = magnitudes(q, k, v, dout, scale)
-    for name, x, ref in zip(("out", "lse", "dq", "dk", "dv"), ring, single):
-        assert x.shape == ref.shape and x.dtype == ref.dtype, name
-        assert not numpy.isnan(x).any(), name
-        if name == "lse":
-            assert numpy.array_equal(numpy.isneginf(x), numpy.isneginf(ref))
-            x, ref = x[numpy.isfinite(ref)], ref[numpy.isfinite(ref)]
-            bound = eps * max(1.0, float(numpy.abs(ref).max(initial=0)))
-        else:
-            bound = eps * max(1.0, sizes[name])
-        err = float(numpy.abs(x.astype(numpy.float64) - ref).max(initial=0))
-        assert err <= bound, f"{name}: ring differs from single-device attention by {err:.3g} > {bound:.3g}"
-
-
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=SEEDS, world=st.integers(1, 8), layout=LAYOUT, causal=st.booleans(), B=st.integers(1, 2),
        Hkv=st.integers(1, 2), group=st.sampled_from([1, 3]), D=st.integers(1, 8), Dv=st.integers(1, 8),
@@ -267,7 +252,7 @@ def test_loopback_ring_equals_single_device_attention(seed, world, layout, causa
     # seqlen=None says every rank holds the same number of tokens; uneven shards must say seqlen.
     given_seqlen = None if seqlen % world == 0 and seed % 3 else seqlen
     ring = _run_ring(world, layout, q, k, v, dout, given_seqlen, **options)
-    _assert_equal_within_rounding(ring, _single_device(q, k, v, dout, **options), q, k, v, dout, options["scale"])
+    assert_ring_equals_single_device(ring, _single_device(q, k, v, dout, **options), q, k, v, dout, options["scale"])
 
 
 @pytest.mark.skipif(BFLOAT16 is None, reason="needs ml_dtypes")
@@ -481,4 +466,4 @@ def test_torch_ring_over_gloo_equals_single_device_attention(tmp_path):
     gathered = [distributed.unshard([results[r][i] for r in range(world)], layout="zigzag", axis=2 if i == 1 else 1)
                 for i in range(5)]
     q, k, v, dout = make_inputs(numpy.random.default_rng(3), 2, 20, 20, 4, 2, 8, 8, numpy.float32)
-    _assert_equal_within_rounding(gathered, _single_device(q, k, v, dout, causal=True), q, k, v, dout)
+    assert_ring_equals_single_device(gathered, _single_device(q, k, v, dout, causal=True), q, k, v, dout)

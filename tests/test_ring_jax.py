@@ -20,7 +20,8 @@ import cuflash
 from cuflash import distributed
 from cuflash._combine import merge
 
-from .helpers import BFLOAT16, assert_close, magnitudes, make_inputs, naive_same_dtype, windows
+from .helpers import (BFLOAT16, assert_close, assert_ring_equals_single_device, magnitudes, make_inputs,
+                      naive_same_dtype, windows)
 
 jax = pytest.importorskip("jax")
 import cuflash.jax  # noqa: E402  (needs jax, which the skip above guarantees)
@@ -77,22 +78,6 @@ def _single_device(q, k, v, dout, **options):
     return (numpy.asarray(out), lse) + tuple(numpy.asarray(g) for g in grads)
 
 
-def _assert_equal_within_rounding(ring, single, q, k, v, dout, scale):
-    eps = 1e-13 if q.dtype == numpy.float64 else 4e-6
-    sizes = magnitudes(q, k, v, dout, scale)
-    for name, x, ref in zip(("out", "lse", "dq", "dk", "dv"), ring, single):
-        assert x.shape == ref.shape and x.dtype == ref.dtype, name
-        assert not numpy.isnan(x).any(), name
-        if name == "lse":
-            assert numpy.array_equal(numpy.isneginf(x), numpy.isneginf(ref))
-            x, ref = x[numpy.isfinite(ref)], ref[numpy.isfinite(ref)]
-            bound = eps * max(1.0, float(numpy.abs(ref).max(initial=0)))
-        else:
-            bound = eps * max(1.0, sizes[name])
-        err = float(numpy.abs(x.astype(numpy.float64) - ref).max(initial=0))
-        assert err <= bound, f"{name}: ring differs from single-device attention by {err:.3g} > {bound:.3g}"
-
-
 def _assert_accuracy_rule(ring, q, k, v, dout, factor=2.0, **options):
     """out and gradients against the float64 reference, by the same-dtype accuracy rule."""
     out, _, *grads = ring
@@ -119,7 +104,7 @@ def test_ring_equals_single_device_attention(cpus, seed, world, layout, causal, 
     with jax.enable_x64(dtype == numpy.float64):
         ring = _ring_results(_mesh(cpus, world), layout, q, k, v, dout, **options)
         single = _single_device(q, k, v, dout, **options)
-    _assert_equal_within_rounding(ring, single, q, k, v, dout, options["scale"])
+    assert_ring_equals_single_device(ring, single, q, k, v, dout, options["scale"])
     _assert_accuracy_rule(ring, q, k, v, dout, **options)
 
 

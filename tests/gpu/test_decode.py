@@ -328,17 +328,21 @@ def test_appends_at_cache_boundaries(page_size):
                             dict(causal=True, window=None, softcap=None), out, lse)
 
 
+def _float16_cache_call(rng, B, Sq, group, S_new, capacity, Hkv=2, D=64):
+    """q and k_new/v_new (as a keyword dict) on the GPU, dense k/v caches on the host: random float16."""
+    q = cupy.asarray(rng.standard_normal((B, Sq, Hkv * group, D)).astype(F16))
+    k_cache, v_cache = (rng.standard_normal((B, capacity, Hkv, D)).astype(F16) for _ in range(2))
+    new = {name: cupy.asarray(rng.standard_normal((B, S_new, Hkv, D)).astype(F16)) for name in ("k_new", "v_new")}
+    return q, k_cache, v_cache, new
+
+
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_lengths_left_on_the_device_give_the_checked_call_bitwise(page_size):
     """max_seqlen_k keeps cache_seqlens and block_table on the device, unread: with the true bound
     the split count is the same, so out, lse and the appended caches are bitwise those of the
     checked call."""
-    rng = numpy.random.default_rng(21)
-    B, Hkv, D, S_new, capacity = 3, 2, 64, 2, 256
-    q = cupy.asarray(rng.standard_normal((B, 2, Hkv * 4, D)).astype(F16))
-    k_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
-    v_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
-    new = {name: cupy.asarray(rng.standard_normal((B, S_new, Hkv, D)).astype(F16)) for name in ("k_new", "v_new")}
+    B, S_new, capacity = 3, 2, 256
+    q, k_cache, v_cache, new = _float16_cache_call(numpy.random.default_rng(21), B, 2, 4, S_new, capacity)
     lengths = numpy.array([0, 77, capacity - S_new], I32)
     table = None
     if page_size is not None:
@@ -399,12 +403,8 @@ def test_unchecked_bad_lengths_and_pages_stay_inside_the_cache(paged_cache):
     device: nothing is written outside the cache (appends that would land there are skipped), the
     reads are clamped into it, and every output is finite. The memory side of this is what
     compute-sanitizer checks in bench/check_decode.sh; here the cache must come back unchanged."""
-    rng = numpy.random.default_rng(22)
-    B, Hkv, D, S_new, capacity = 3, 2, 64, 2, 64
-    q = cupy.asarray(rng.standard_normal((B, 1, Hkv * 2, D)).astype(F16))
-    k_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
-    v_cache = rng.standard_normal((B, capacity, Hkv, D)).astype(F16)
-    new = {name: cupy.asarray(rng.standard_normal((B, S_new, Hkv, D)).astype(F16)) for name in ("k_new", "v_new")}
+    B, capacity = 3, 64
+    q, k_cache, v_cache, new = _float16_cache_call(numpy.random.default_rng(22), B, 1, 2, 2, capacity)
     lengths = numpy.array([capacity + 5, -7, 2**31 - 2], I32)
     table = None
     if paged_cache:
