@@ -107,7 +107,7 @@ def _block_diagonal_reference(q, k, v, cu_q, cu_k, dout, options):
             s = (slopes if slopes.ndim == 1 else slopes[b]).astype(F64)
             i, j = numpy.arange(Sq)[:, None], numpy.arange(Sk)[None, :]
             bias[:, cu_q[b]:cu_q[b + 1], cu_k[b]:cu_k[b + 1]] = -s[:, None, None] * numpy.abs(i + offset - j)
-    Hq, group = q.shape[1], q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1]
     Q = q.astype(F64).transpose(1, 0, 2)
     K = numpy.repeat(k.astype(F64).transpose(1, 0, 2), group, axis=0)
     V = numpy.repeat(v.astype(F64).transpose(1, 0, 2), group, axis=0)
