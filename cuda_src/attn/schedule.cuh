@@ -65,9 +65,11 @@ __device__ __forceinline__ void load_query_step(const Params& p, const Seq& seq,
     const int i0 = x.m * BlockM;
     load_rows(sQ, Tensor::of(f.q, f.q_st, b, x.h, ElemBytes, seq.q0), i0, f.head_dim);
     load_rows(sdO, Tensor::of(p.dout, p.do_st, b, x.h, ElemBytes, seq.q0), i0, f.head_dim_v);
+    // A packed sequence's workspace rows start wherever the sequences before it end (ws_row0), so
+    // ragged variants copy L2 and D element by element rather than in 16-byte chunks.
     const i64 off = ws_row0(p, seq, b, x.h) + i0;
-    load_vec<BlockM, Threads>(sL2, p.l2 + off, tid);
-    load_vec<BlockM, Threads>(sD, p.dsum + off, tid);
+    load_vec<BlockM, Threads, !kRagged>(sL2, p.l2 + off, tid);
+    load_vec<BlockM, Threads, !kRagged>(sD, p.dsum + off, tid);
 }
 
 // The query tile of a forward or dQ CTA. Grid: blockIdx.x = (b * Hq + h) * n_tiles + (n_tiles - 1 -

@@ -29,11 +29,8 @@ constexpr bool kRagged = SEQ_MODE == 1;
 
 // Rows a packed sequence owns in the backward's per-row workspaces beyond its Sq_b rows: a
 // streamed query tile (at most 128 rows, starting below Sq_b) never reads into the next sequence.
-// Each sequence starts on a multiple of 4 rows (the kernels read L2 and D of 4 rows as one 16-byte
-// vector), which can take up to 3 more rows: starts are kWsSeqGap = kWsRowPad + 4 rows apart
-// beyond the sequences' own. cuflash/_cuda/backward.py's _ROW_PAD and _SEQ_GAP.
+// cuflash/_cuda/backward.py's _ROW_PAD.
 constexpr int kWsRowPad = 128;
-constexpr int kWsSeqGap = kWsRowPad + 4;
 
 struct Seq {
     // First row of sequence b in q, out, lse, dO, dq (k, v, dk, dv): cu_seqlens[b], or 0. An int
@@ -63,37 +60,28 @@ struct Seq {
     }
 };
 
-// First workspace row of packed sequence b, whose queries start at row q0 = cu_seqlens_q[b]:
-// q0 rounded up to a multiple of 4, plus kWsSeqGap * b. Consecutive starts are then at least
-// Sq_b + kWsRowPad apart, and every start is 16-byte aligned in a float32 (or float64) head.
-__device__ __forceinline__ i64 ws_seq_start(int q0, i64 b) {
-    return (static_cast<i64>(q0) + 3) / 4 * 4 + kWsSeqGap * b;
-}
-
 // Row 0 of (b, h) in the backward's per-row workspaces (l2, dsum; dq_accum has HEAD_DIM columns per
-// row): (B, Hq, Sq_pad) unless packed; packed, (Hq, seqlen_q_pad >= total_q + kWsSeqGap * B, a
-// multiple of 4) with sequence b from row ws_seq_start(cu_seqlens_q[b], b), so that it owns Sq_b +
-// kWsRowPad rows whatever the other sequences' lengths (a (B, Hq, max Sq_b) layout would grow with
-// the longest).
+// row): (B, Hq, Sq_pad) unless packed; packed, (Hq, seqlen_q_pad = total_q + kWsRowPad * B) with
+// sequence b from row cu_seqlens_q[b] + kWsRowPad * b, so that it owns Sq_b + kWsRowPad rows
+// whatever the other sequences' lengths (a (B, Hq, max Sq_b) layout would grow with the longest).
+// Those starts are not multiples of 4 rows, so ragged kernels read L2 and D element by element
+// (attn/schedule.cuh's load_query_step), never in 16-byte chunks.
 template <bool Ragged = kRagged, typename Params>
 __device__ __forceinline__ i64 ws_row0(const Params& p, const Seq& s, i64 b, int h) {
     if constexpr (Ragged) {
-        if (p.fwd.cu_seqlens_q != nullptr) return h * static_cast<i64>(p.seqlen_q_pad) + ws_seq_start(s.q0, b);
+        if (p.fwd.cu_seqlens_q != nullptr) return h * static_cast<i64>(p.seqlen_q_pad) + s.q0 + kWsRowPad * b;
     }
     return (b * p.fwd.heads_q + h) * static_cast<i64>(p.seqlen_q_pad);
 }
 
-// The packed sequence holding query row r of a packed tensor (WORKSPACE false: the last b in
-// [0, B) with cu_seqlens[b] <= r; empty sequences before a longer one share its start, and the
-// last of them is the one holding r) or row r of a workspace head (WORKSPACE true: the last b with
-// ws_seq_start(cu_seqlens[b], b) <= r).
-template <bool WORKSPACE>
-__device__ __forceinline__ int packed_seq_of(const int* cu_seqlens, int batch, i64 r) {
+// The packed sequence holding row r of a workspace head, or (offsets = cu_seqlens_q) query row r of
+// a packed tensor: the last b in [0, B) with offsets[b] + pad * b <= r (empty sequences before a
+// longer one share its start; the last of them is the one holding r).
+__device__ __forceinline__ int packed_seq_of(const int* cu_seqlens, int batch, i64 r, int pad) {
     int lo = 0, hi = batch;
     while (hi - lo > 1) {
         const int mid = (lo + hi) >> 1;
-        const i64 start = WORKSPACE ? ws_seq_start(cu_seqlens[mid], mid) : static_cast<i64>(cu_seqlens[mid]);
-        if (start <= r) lo = mid; else hi = mid;
+        if (cu_seqlens[mid] + static_cast<i64>(pad) * mid <= r) lo = mid; else hi = mid;
     }
     return lo;
 }

@@ -202,6 +202,17 @@ __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, int src_by
         asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(dst + 2 * e), "h"(h[e]) : "memory");
 }
 
+// The 4- and 8-byte copies likewise: a load and a shared store.
+template <int Bytes> __device__ __forceinline__ void cp_async_small(u32 dst, const void* src) {
+    static_assert(Bytes == 4 || Bytes == 8, "cp_async_small copies 4 or 8 bytes");
+    if constexpr (Bytes == 4) {
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(*static_cast<const u32*>(src)) : "memory");
+    } else {
+        asm volatile("st.shared.b64 [%0], %1;\n" ::"r"(dst), "l"(*static_cast<const unsigned long long*>(src))
+                     : "memory");
+    }
+}
+
 __device__ __forceinline__ void cp_async_commit() {}
 
 template <int N> __device__ __forceinline__ void cp_async_wait() {}
@@ -213,6 +224,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {}
 __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
                  : "memory");
+}
+
+// Asynchronous 4- or 8-byte global->shared copy, for data whose 16-byte chunks may be misaligned;
+// both addresses aligned to the size (cp.async.ca: copies under 16 bytes go through L1).
+template <int Bytes> __device__ __forceinline__ void cp_async_small(u32 dst, const void* src) {
+    static_assert(Bytes == 4 || Bytes == 8, "cp_async_small copies 4 or 8 bytes");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(Bytes) : "memory");
 }
 
 // Closes the current group of cp.async copies issued by this thread.

@@ -100,10 +100,16 @@ __device__ __forceinline__ void load_tile(u32 smem, const Tensor& t, int row0, i
 
 // L2 and D of one query tile of Rows rows (float, or double in the float64 kernels): both buffers are
 // padded to a multiple of 128 rows, so the copy needs no bounds.
-template <int Rows, int Threads, typename T>
+// ALIGNED16 = false: src need only be aligned to its element (a packed batch's per-sequence rows
+// start anywhere), and each element is its own copy.
+template <int Rows, int Threads, bool Aligned16 = true, typename T>
 __device__ __forceinline__ void load_vec(u32 smem, const T* src, int tid) {
-    constexpr int kPerChunk = 16 / sizeof(T);
-    for (int c = tid; c < Rows / kPerChunk; c += Threads) cp_async_16(smem + c * 16, src + c * kPerChunk, 16);
+    if constexpr (Aligned16) {
+        constexpr int kPerChunk = 16 / sizeof(T);
+        for (int c = tid; c < Rows / kPerChunk; c += Threads) cp_async_16(smem + c * 16, src + c * kPerChunk, 16);
+    } else {
+        for (int c = tid; c < Rows; c += Threads) cp_async_small<sizeof(T)>(smem + c * sizeof(T), src + c);
+    }
 }
 
 // Adds one 16x16 block of dQ (accumulator layout: two n8 tiles c0, c1) into the float32 workspace,

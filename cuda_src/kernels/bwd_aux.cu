@@ -29,7 +29,7 @@ using namespace cuflash::bwd_aux;
 
 // One warp per row of the workspaces, blockDim.x = 256: query row (b, h, i) of the padded range
 // B * Hq * Sq_pad, or packed, row r of head h's seqlen_q_pad rows, in sequence b at i = r -
-// ws_seq_start(cu_seqlens_q[b], b) (attn/seqlen.cuh's ws_row0, inverted).
+// (cu_seqlens_q[b] + kWsRowPad * b) (attn/seqlen.cuh's ws_row0, inverted).
 extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __grid_constant__ BwdParamsOf<Accum> p) {
     const FwdParamsOf<Accum>& f = p.fwd;
     const int lane = threadIdx.x & 31;
@@ -42,8 +42,8 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __g
     int h, i;
     if (packed) {
         h = static_cast<int>(bh);
-        b = packed_seq_of<true>(f.cu_seqlens_q, f.batch, r);
-        i = static_cast<int>(r - ws_seq_start(f.cu_seqlens_q[b], b));
+        b = packed_seq_of(f.cu_seqlens_q, f.batch, r, kWsRowPad);
+        i = static_cast<int>(r - (f.cu_seqlens_q[b] + kWsRowPad * b));
     } else {
         b = bh / f.heads_q;
         h = static_cast<int>(bh - b * f.heads_q);
@@ -74,8 +74,8 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const __g
 // src[split * split_stride + (b * H + h) * src_sh + s * src_ss + c] for c < dim.
 // With l2 (the dQ workspace's rows, l2[(b * H + h) * l2_sh + s]), rows whose L2 is +inf (they see
 // no key) are written as 0: their dS is 0, but 0 times a NaN in K would not be.
-// With cu_seqlens (packed queries: dst (1, total_q, H, dim)), row s of dst, in sequence b, is row
-// s - cu_seqlens[b] + ws_seq_start(cu_seqlens[b], b) of the workspaces (attn/seqlen.cuh's ws_row0).
+// With cu_seqlens (packed queries: dst (1, total_q, H, dim)), row s of dst is row s + kWsRowPad * b
+// of the workspaces, b the sequence holding it (attn/seqlen.cuh's ws_row0).
 // At least 4 CTAs per SM: 64 registers. Without a bound ptxas aims at full occupancy (32 registers)
 // and spills the float64 variant.
 extern "C" __global__ void __launch_bounds__(256, 4)
@@ -91,11 +91,8 @@ flash_bwd_convert(const Accum* __restrict__ src, i64 split_stride, i64 src_sh, i
         const i64 bh = row / seqlen;
         const int h = static_cast<int>(bh % heads);
         const i64 b = bh / heads;
-        i64 s_ws = s;
-        if (cu_seqlens != nullptr) {
-            const int seq = packed_seq_of<false>(cu_seqlens, batch, s);
-            s_ws += ws_seq_start(cu_seqlens[seq], seq) - cu_seqlens[seq];
-        }
+        const i64 s_ws = cu_seqlens != nullptr ? s + static_cast<i64>(kWsRowPad) * packed_seq_of(cu_seqlens, batch, s, 0)
+                                               : static_cast<i64>(s);
         const Accum* p = src + bh * src_sh + s_ws * src_ss;
         char* const q =
             static_cast<char*>(dst) + (b * d_sb + static_cast<i64>(s) * d_ss + static_cast<i64>(h) * d_sh) * kElemBytes;

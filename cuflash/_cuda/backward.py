@@ -20,8 +20,7 @@ Ragged batches (``params.Ragged``) run the SEQ_MODE 1 instantiations over a grid
 longest sequence. Their per-row workspaces are laid out as ``cuda_src/attn/seqlen.cuh``'s
 ``ws_row0`` says: padded batches as dense ones; packed ones per head, each sequence owning its Sq_b
 rows and _ROW_PAD more (so a streamed tile never reads another sequence's L2 or D, nor adds dQ
-into its rows) from a start aligned to 4 rows (16-byte vector reads of L2 and D): (Hq, total_q +
-_SEQ_GAP · B, rounded up to 4) instead of a (B, Hq, longest) block.
+into its rows), (Hq, total_q + _ROW_PAD · B) instead of a (B, Hq, longest) block.
 """
 
 import math
@@ -34,9 +33,6 @@ from . import params, runtime, variants
 _MAX_GRID_X = 2**31 - 1
 # L2 and D rows are padded to this, so streamed tiles (which divide it) read them without bounds.
 _ROW_PAD = 128
-# Packed: rows between sequence starts beyond the sequences' own (seqlen.cuh's kWsSeqGap): the pad
-# and up to 3 rows of each start's alignment to 4.
-_SEQ_GAP = _ROW_PAD + 4
 
 
 def choose_entry(problem, device_id=None, seq_mode=variants.SEQ_DENSE):
@@ -156,10 +152,9 @@ class _BackwardPlan:
             vec_in = runtime.vector_rows(q, k, v, dout)  # by shape: operands whose layout cannot were copied
             fwd = params.forward(problem, q, k, v, out, lse, None, 0, False, ragged)
             # Rows of l2, dsum and dq_accum per (b, h), or packed, per head (kernels' ws_row0).
-            sq_pad = -(-Sq // 4) * 4 + _SEQ_GAP * GB if packed else math.ceil(Sq / _ROW_PAD) * _ROW_PAD
-            self.sq_pad = sq_pad
+            self.sq_pad = sq_pad = Sq + _ROW_PAD * GB if packed else math.ceil(Sq / _ROW_PAD) * _ROW_PAD
             if packed and sq_pad > 2**31 - 1:
-                raise ValueError(f"total_q + {_SEQ_GAP} * batch = {sq_pad} exceeds the workspace's 32-bit row index")
+                raise ValueError(f"total_q + {_ROW_PAD} * batch = {sq_pad} exceeds the workspace's 32-bit row index")
             self.bucket = bucket
 
             # The atomic variant stages dS^T twice more; where that exceeds the device's shared
@@ -255,7 +250,7 @@ def _convert(dtype_name, src, splits, src_sh, src_ss, dst, heads, seqlen, dim, s
     (float32, float64 for float64), each split (B, H, S, ≥dim) with ``src_sh`` elements per head and
     ``src_ss`` per row. With ``l2`` (B, H, S_pad), rows whose L2 is +inf (no visible key) get 0.
     With ``cu_seqlens`` (packed queries, dst (1, total_q, H, dim)), the workspace rows of sequence b
-    start at the kernels' ws_seq_start (cu_seqlens[b] rounded up to 4, plus _SEQ_GAP · b)."""
+    start _ROW_PAD · b further on (the kernels' ws_row0)."""
     rows = dst.size // dim if dim else 0
     if rows == 0:
         return

@@ -648,6 +648,8 @@ RAGGED_SPILL_TILES = {
     ('sm90', 'float64', 64, 3, 'dkdv_atomic'): replace(BWD_TILES[('sm90', 'float64')][64].dkdv, kk_unroll=2),
     ('sm90', 'float64', 64, 3, 'dkdv'): replace(BWD_TILES[('sm90', 'float64')][64].dkdv, kk_unroll=2),
     ('sm80', '16bit', 256, 2, 'dkdv_atomic'): _K(block_m=32, block_n=32, warps=4, warps_n_sdp=2, warps_n_dkv=2, warps_m_dq=2, stages=1, min_blocks=1, kk_unroll=1, dq_unroll=1),
+    ('sm80', '16bit', 256, 3, 'dkdv_atomic'): _K(block_m=32, block_n=32, warps=4, warps_n_sdp=2, warps_n_dkv=2, warps_m_dq=2, stages=1, min_blocks=1, kk_unroll=8, dq_unroll=0),
+    ('sm90', '16bit', 64, 0, 'dkdv_atomic'): WgTile(block_m=64, warpgroups=2, stages=2, min_blocks=1),
     ('sm90', '16bit', 128, 1, 'dkdv_atomic'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
     ('sm90', '16bit', 128, 2, 'dkdv'): _K(block_m=64, block_n=64, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=0, dq_unroll=0),
     ('sm90', '16bit', 128, 2, 'dkdv_atomic'): _K(block_m=64, block_n=128, warps=8, warps_n_sdp=4, warps_n_dkv=4, warps_m_dq=4, stages=2, min_blocks=1, kk_unroll=1, dq_unroll=0),
@@ -664,6 +666,7 @@ RAGGED_SPILL_TILES = {
     ('sm90', 'float64', 192, 3, 'dkdv'): F64RowsTile(block_m=16, block_n=32, warps=8, split_d=4, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
     ('sm90', 'float64', 96, 1, 'dkdv_atomic'): F64RowsTile(block_m=16, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
     ('sm90', '16bit', 256, 2, 'dq'): _R(block_m=64, block_n=64, warps=8, split_d=2, stages=2, min_blocks=1, kk_unroll=4, split_stream=False),
+    ('sm75', '16bit', 224, 1, 'dkdv_atomic'): _K(block_m=32, block_n=16, warps=2, warps_n_sdp=1, warps_n_dkv=1, warps_m_dq=1, stages=1, min_blocks=1, kk_unroll=2, dq_unroll=0),
     ('sm75', '16bit', 224, 2, 'dkdv_atomic'): _K(block_m=32, block_n=16, warps=2, warps_n_sdp=1, warps_n_dkv=1, warps_m_dq=1, stages=1, min_blocks=1, kk_unroll=2, dq_unroll=0),
     ('sm75', '16bit', 224, 3, 'dkdv_atomic'): _K(block_m=32, block_n=16, warps=2, warps_n_sdp=1, warps_n_dkv=1, warps_m_dq=1, stages=1, min_blocks=1, kk_unroll=2, dq_unroll=0),
 }
