@@ -4,13 +4,18 @@
 
 Checks each case against a float64 computation on the GPU with FlashAttention's rule (max error
 <= 2x the error of a naive computation in the same dtype, plus a small floor), on NaN-prefilled
-outputs. Then times the default configuration (and, with --variants, alternatives from
-VARIANTS) beside torch SDPA's flash and cuDNN backends when torch is importable. Prints a short
-table last.
+outputs. With CUFLASH_SM90_FORWARD=1 on compute capability 9.0 the checks run the sm_90a kernel
+wherever it serves the case, as the library would.
+
+Then times the table's tile (and, with --variants, the alternatives of VARIANTS) beside torch
+SDPA's flash and cuDNN backends when torch is importable. Each tile goes to the launcher's
+``tile`` override (``forward.flash_forward``), so every timing is of the mma.sync kernel
+(fwd_sm80.cu); bench_fwd_sm90.py times the sm_90a kernel. An alternative whose kernel does not
+build for this GPU (shared memory, registers) gets an "err" cell instead of a figure. Prints a
+short table last.
 """
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,17 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cuflash._cuda import forward, runtime, variants  # noqa: E402
 from cuflash._problem import check_forward  # noqa: E402
-from bench_attention import median_ms  # noqa: E402
+from bench_attention import NP_DTYPES as DTYPES, median_ms  # noqa: E402
 
-BF16 = np.dtype("bfloat16") if hasattr(np, "bfloat16") else None
-try:
-    import ml_dtypes
-
-    BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:
-    pass
-
-DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32)}
 C = variants.FwdTile
 # (dtype kind, bucket) -> alternative configurations to time beside the table's choice.
 VARIANTS = {
@@ -94,9 +90,8 @@ def run_case(B, Sq, Sk, Hq, Hkv, D, Dv, dtype_name, causal, align="bottom_right"
     forward.flash_forward(q, k, v, None, out2, lse2, p, config)
     cp.cuda.Device().synchronize()
     O, L = reference(q, k, v, p)
-    naive_dtype = np.float32 if dtype_name == "float32" else dtype
-    On, Ln = reference(q, k, v, p, np.float32 if dtype_name != "float32" else np.float32,
-                       None if dtype_name == "float32" else naive_dtype)
+    # The naive computation: float32 arithmetic, rounded to the input dtype after each step for 16-bit.
+    On, _ = reference(q, k, v, p, np.float32, None if dtype_name == "float32" else dtype)
     o = out.astype(np.float64)
     err = float(cp.abs(o - O).max()) if o.size else 0.0
     err_naive = float(cp.abs(On.astype(np.float64) - O).max()) if o.size else 0.0
@@ -154,73 +149,87 @@ def check(dtypes):
     return failures
 
 
-def bench(variants, dtypes=("bfloat16",), dims=(64, 128), ns=(2048, 8192)):
+def tile_label(tile):
+    """A column name that tells apart every field of a forward tile."""
+    return (f"cuflash {tile.block_m}x{tile.block_n}w{tile.warps}s{tile.stages}b{tile.min_blocks}r{tile.max_regs}"
+            + ("q" if tile.split_q else ""))
+
+
+def sdpa_ms(torch, F, sdpa_kernel, backend, tq, tk, tv, causal):
+    """Median time of one SDPA call on the given backend, with torch's CUDA events."""
+    with sdpa_kernel([backend]):
+        F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        ts = []
+        for _ in range(20):
+            e0 = torch.cuda.Event(enable_timing=True)
+            e1 = torch.cuda.Event(enable_timing=True)
+            e0.record()
+            F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+            e1.record()
+            e1.synchronize()
+            ts.append(e0.elapsed_time(e1))
+    return float(np.median(ts))
+
+
+def bench_shape(dt, d, n, causal, alternatives):
+    """One row: TF/s of the table's tile, of the alternatives and of SDPA for one shape. The
+    operands are locals, freed when the row is done."""
     try:
         import torch
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
         torch = None
+    h, b = 2048 // d, max(1, 16384 // n)
+    dtype = DTYPES[dt]
+    q, k, v = (randn((b, n, h, d), dtype) for _ in range(3))
+    p = check_forward(q, k, v, causal=causal, causal_alignment="bottom_right", scale=None, backend="cuda")
+    out = cp.empty((b, n, h, d), dtype)
+    lse = cp.empty((b, h, n), np.float32)
+    flops = 4 * b * h * n * n * d / (2 if causal else 1)
+    kind = "float32" if dt == "float32" else "16bit"
+    chosen, bucket, _ = forward.choose_tile(p)
+    extra = alternatives.get((kind, bucket), []) if alternatives else []
+    row = {"dtype": dt, "d": d, "n": n, "causal": causal}
+    for tile in [chosen] + [t for t in extra if t != chosen]:
+        try:
+            ms = median_ms(lambda: forward.flash_forward(q, k, v, None, out, lse, p, tile))
+            row[tile_label(tile)] = flops / ms / 1e9
+        except Exception as exc:
+            row[tile_label(tile)] = f"err {str(exc)[:60]}"
+    if torch is not None:
+        tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dt]
+        tq, tk, tv = (torch.randn(b, h, n, d, device="cuda", dtype=tdt) for _ in range(3))
+        backends = {"float32": [("efficient", SDPBackend.EFFICIENT_ATTENTION)]}.get(
+            dt, [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)])
+        for name, backend in backends:
+            try:
+                row[f"sdpa-{name}"] = flops / sdpa_ms(torch, F, sdpa_kernel, backend, tq, tk, tv, causal) / 1e9
+            except Exception as exc:
+                row[f"sdpa-{name}"] = f"err {str(exc)[:40]}"
+    return row
+
+
+def bench(alternatives, dtypes=("bfloat16",), dims=(64, 128), ns=(2048, 8192)):
+    """Rows of ``bench_shape`` over the shapes (B * N = 16k tokens, H * D = 2048); ``alternatives``:
+    VARIANTS, or None for the table's tiles alone."""
     rows = []
     for dt in dtypes:
         for d in dims:
-            h = 2048 // d
             for n in ns:
-                b = max(1, 16384 // n)
                 for causal in (False, True):
-                    dtype = DTYPES[dt]
-                    q, k, v = (randn((b, n, h, d), dtype) for _ in range(3))
-                    p = check_forward(q, k, v, causal=causal, causal_alignment="bottom_right", scale=None,
-                                      backend="cuda")
-                    out = cp.empty((b, n, h, d), dtype)
-                    lse = cp.empty((b, h, n), np.float32)
-                    flops = 4 * b * h * n * n * d / (2 if causal else 1)
-                    kind = "float32" if dt == "float32" else "16bit"
-                    chosen, bucket, fam = forward.choose_tile(p)
-                    configs = [chosen] + (variants.get((kind, bucket), []) if variants else [])
-                    row = {"dtype": dt, "d": d, "n": n, "causal": causal}
-                    for cfg in configs:
-                        key = f"cuflash {cfg.block_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}b{cfg.min_blocks}r{cfg.max_regs}"
-                        try:
-                            ms = median_ms(lambda: forward.flash_forward(q, k, v, None, out, lse, p, cfg))
-                            row[key] = flops / ms / 1e9
-                        except Exception as exc:
-                            row[key] = f"err {str(exc)[:60]}"
-                    if torch is not None:
-                        tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dt]
-                        tq, tk, tv = (torch.randn(b, h, n, d, device="cuda", dtype=tdt) for _ in range(3))
-                        backends = {"float32": [("efficient", SDPBackend.EFFICIENT_ATTENTION)]}.get(
-                            dt, [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)])
-                        for name, be in backends:
-                            try:
-                                with sdpa_kernel([be]):
-                                    f = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-                                    f()
-                                    ts = []
-                                    for _ in range(20):
-                                        e0 = torch.cuda.Event(enable_timing=True)
-                                        e1 = torch.cuda.Event(enable_timing=True)
-                                        e0.record()
-                                        f()
-                                        e1.record()
-                                        e1.synchronize()
-                                        ts.append(e0.elapsed_time(e1))
-                                row[f"sdpa-{name}"] = flops / float(np.median(ts)) / 1e9
-                            except Exception as exc:
-                                row[f"sdpa-{name}"] = f"err {str(exc)[:40]}"
-                        del tq, tk, tv
+                    row = bench_shape(dt, d, n, causal, alternatives)
                     rows.append(row)
                     print(row, flush=True)
-                    del q, k, v, out, lse
     return rows
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--no-time", action="store_true")
-    ap.add_argument("--variants", action="store_true")
-    ap.add_argument("--dtypes", default="float16,bfloat16,float32")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness cases")
+    ap.add_argument("--no-time", action="store_true", help="skip the timings")
+    ap.add_argument("--variants", action="store_true", help="also time the alternative tiles of VARIANTS")
+    ap.add_argument("--dtypes", default="float16,bfloat16,float32", help="dtypes of the correctness cases")
     ap.add_argument("--dims", default="64,128", help="head dims timed at N = 2k and 8k")
     ap.add_argument("--long-dims", default="256", help="head dims timed at N = 8k only")
     args = ap.parse_args()
@@ -228,12 +237,12 @@ def main():
     failures = 0 if args.no_check else check(args.dtypes.split(","))
     rows = []
     if not args.no_time:
-        variants = VARIANTS if args.variants else None
+        alternatives = VARIANTS if args.variants else None
         dims = [int(x) for x in args.dims.split(",") if x]
         long_dims = [int(x) for x in args.long_dims.split(",") if x]
-        rows = bench(variants, dims=dims) if dims else []
-        rows += bench(variants, dims=long_dims, ns=(8192,)) if long_dims else []
-        rows += bench(VARIANTS if args.variants else None, dtypes=("float32",), dims=(128,), ns=(8192,))
+        rows = bench(alternatives, dims=dims) if dims else []
+        rows += bench(alternatives, dims=long_dims, ns=(8192,)) if long_dims else []
+        rows += bench(alternatives, dtypes=("float32",), dims=(128,), ns=(8192,))
     print(f"\ncorrectness failures: {failures}")
     for r in rows:
         cells = " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
