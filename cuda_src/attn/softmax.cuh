@@ -16,13 +16,18 @@ namespace cuflash {
 //
 // T is the accumulator type: float, or double in the float64 kernels, whose m16 x n8 tiles of
 // doubles (two stacked m8n8k4 accumulators, core/dmma.cuh) have the same element order.
+//
+// kCompensatedL: l_i is a compensated (Kahan) sum, its running error in lc (rescaled with l_i). The
+// float32 forward needs it: one float32 add per key tile over a long Sk otherwise costs a few times
+// naive float32's error (bench/emulate_float32.py); 16-bit outputs cannot see the difference.
 constexpr float kRescaleSlack = 8.f;
 
-template <int kMTiles, int kNTiles, int kDTiles, typename T = float>
+template <int kMTiles, int kNTiles, int kDTiles, typename T = float, bool kCompensatedL = false>
 struct SoftmaxState {
     using M = Num<T>;
     T m[kMTiles][2];
     T l[kMTiles][2];
+    T lc[kCompensatedL ? kMTiles : 1][2];
 
     __device__ __forceinline__ void init() {
 #pragma unroll
@@ -31,7 +36,14 @@ struct SoftmaxState {
             for (int h = 0; h < 2; ++h) {
                 m[mt][h] = M::neg_inf();
                 l[mt][h] = T(0);
+                if constexpr (kCompensatedL) lc[mt][h] = T(0);
             }
+    }
+
+    // This lane's share of row (mt, h)'s sum (the quad's four shares are added in finalize).
+    __device__ __forceinline__ T lane_sum(int mt, int h) const {
+        if constexpr (kCompensatedL) return l[mt][h] - lc[mt][h];
+        return l[mt][h];
     }
 
     // Turns the scores into P = exp2(c * s - m_i) in place (c = scale * log2 e), first moving m_i
@@ -73,6 +85,7 @@ struct SoftmaxState {
                     const T alpha = M::exp2(m[mt][h] - (m_new == M::neg_inf() ? T(0) : m_new));
                     m[mt][h] = m_new;
                     l[mt][h] *= alpha;
+                    if constexpr (kCompensatedL) lc[mt][h] *= alpha;
 #pragma unroll
                     for (int dt = 0; dt < kDTiles; ++dt) {
                         acc_o[mt][dt][2 * h] *= alpha;
@@ -93,7 +106,14 @@ struct SoftmaxState {
                         s[mt][nt][e] = M::exp2(SCALED ? s[mt][nt][e] - m_use : M::fma(s[mt][nt][e], c, -m_use));
                         sum += s[mt][nt][e];
                     }
-                l[mt][h] += sum;
+                if constexpr (kCompensatedL) {
+                    const T y = sum - lc[mt][h];
+                    const T t = l[mt][h] + y;
+                    lc[mt][h] = (t - l[mt][h]) - y;
+                    l[mt][h] = t;
+                } else {
+                    l[mt][h] += sum;
+                }
             }
     }
 };

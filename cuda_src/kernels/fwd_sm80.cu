@@ -14,6 +14,8 @@
 //   DTYPE       1 float16, 2 bfloat16 (mma.m16n8k16), 3 float32 (3xTF32 mma.m16n8k8)
 //   SPLIT_Q     float32 only: 1 splits Q_i once into big/small planes in shared memory (twice the
 //               bytes of Q_i); 0 keeps Q_i as loaded and splits its fragments at every k8 step
+//   SPLIT_SUMS  float32 only: 1 moves O_i into the out buffer every kFlushKeys keys and compensates
+//               l_i, so no float32 sum runs over all of Sk (see kFlushO below)
 //   SCORE_MODS  score modifiers (attn/score_mod.cuh): bits 1 softcap, 2 ALiBi
 //   SEQ_MODE    0 dense, 1 ragged (packed or padded sequences, attn/seqlen.cuh)
 //   SMEM_BYTES  the launcher's dynamic shared memory, checked against the layout below
@@ -28,8 +30,9 @@
 #include "../core/tile_io.cuh"
 
 #if !defined(HEAD_DIM) || !defined(BLOCK_M) || !defined(BLOCK_N) || !defined(NUM_WARPS) || !defined(STAGES) || \
-    !defined(MIN_BLOCKS) || !defined(MAX_REGS) || !defined(VEC_LOAD) || !defined(SPLIT_Q) || !defined(SMEM_BYTES)
-#error "fwd_sm80.cu needs HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, STAGES, MIN_BLOCKS, MAX_REGS, VEC_LOAD, SPLIT_Q, SMEM_BYTES"
+    !defined(MIN_BLOCKS) || !defined(MAX_REGS) || !defined(VEC_LOAD) || !defined(SPLIT_Q) || !defined(SPLIT_SUMS) || \
+    !defined(SMEM_BYTES)
+#error "fwd_sm80.cu needs HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, STAGES, MIN_BLOCKS, MAX_REGS, VEC_LOAD, SPLIT_Q, SPLIT_SUMS, SMEM_BYTES"
 #endif
 
 namespace cuflash {
@@ -283,7 +286,90 @@ __device__ __forceinline__ void pv_product(float (&acc_o)[kMTiles][kDTiles][4], 
 #endif
 
 
-using Softmax = SoftmaxState<kMTiles, kNTiles, kDTiles>;
+// float32: O_i's running sum moves into this thread's own elements of the out buffer every
+// kFlushKeys keys, and the row max m_i it is relative to into the row's LSE slot; the epilogue adds
+// it back (rescaled to the final m_i) before it overwrites both. So no float32 sum runs over more
+// than kFlushKeys / 8 k8 products: one sum over every k8 product of a long Sk made the error grow
+// with Sk to several times naive float32's; split like this, with l_i compensated, it stays at
+// naive's (bench/emulate_float32.py, bench/NOTES.md). Nothing of it stays in registers across the
+// tile loop. 16-bit outputs cannot see the difference; the sm80 family's float32 tiles at d >= 160
+// have no registers for it (variants.py, split_sums).
+constexpr bool kFlushO = SPLIT_SUMS != 0;
+constexpr int kFlushKeys = 1024;
+constexpr int kFlushTiles = kFlushKeys / kBlockN;
+static_assert(kIsF32 || !kFlushO, "SPLIT_SUMS belongs to the float32 path");
+static_assert(!kFlushO || kFlushKeys % kBlockN == 0, "BLOCK_N must divide kFlushKeys");
+
+using Softmax = SoftmaxState<kMTiles, kNTiles, kDTiles, float, kFlushO>;
+
+// Moves O_i out (TO_OUT: out = (first ? 0 : out * 2^(m_out - m_i)) + acc, m_out = m_i, acc = 0) or
+// brings it back (acc += out * 2^(m_out - m_i)), for this thread's elements: rows from row_w (g of
+// its first m16 fragment), those past Sq or Dv skipped; m_out is the row's LSE slot. A row that had
+// seen no key when it moved (m_out = -inf) holds 0 there.
+template <bool TO_OUT>
+__device__ __forceinline__ void move_o_partial(const FwdParams& p, i64 row_w, int lane, bool first,
+                                               const Softmax& state, float (&acc_o)[kMTiles][kDTiles][4]) {
+    // Rare: the place is recomputed here from a block index the compiler must read anew, so that
+    // none of these addresses is hoisted out of the tile loop to hold registers across it.
+    const QWork work = q_work(p.num_m_blocks, p.heads_q, p.group);
+    const i64 b = fresh(static_cast<u32>(work.b));
+    const Seq seq = Seq::of(p, b);
+    float* const o_base =
+        static_cast<float*>(p.out) + b * p.o_st.b + work.h * p.o_st.h + static_cast<i64>(seq.q0) * p.o_st.s;
+    float* const m_base = p.lse + b * p.lse_sb + work.h * p.lse_sh + static_cast<i64>(seq.q0) * p.lse_ss;
+    float f[kMTiles][2];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const i64 row = row_w + mt * 16 + hh * 8;
+            f[mt][hh] = 0.f;
+            if (!first && row < seq.seqlen_q) {
+                const float m_then = m_base[row * p.lse_ss];
+                f[mt][hh] = m_then == neg_inf() ? 0.f : exp2_approx(m_then - state.m[mt][hh]);
+            }
+        }
+    __syncwarp();  // the quad's lanes have all read m_out before its first lane overwrites it
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const i64 row = row_w + mt * 16 + hh * 8;
+            if (row >= seq.seqlen_q) continue;
+            float* const o_row = o_base + row * p.o_st.s;
+#pragma unroll
+            for (int dt = 0; dt < kDTiles; ++dt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float& a = acc_o[mt][dt][2 * hh + e];
+                    const int col = dt * 8 + 2 * (lane & 3) + e;
+                    if (col < p.head_dim_v) {
+                        float* const o = o_row + col * p.o_st.d;
+                        if constexpr (TO_OUT) {
+                            *o = first ? a : fmaf(*o, f[mt][hh], a);
+                        } else {
+                            a = fmaf(*o, f[mt][hh], a);
+                        }
+                    }
+                }
+                // Unfenced, the compiler issues every load of the row at once (D/4 more registers).
+                asm volatile("" ::: "memory");
+            }
+            if (TO_OUT && (lane & 3) == 0) m_base[row * p.lse_ss] = state.m[mt][hh];
+        }
+    if constexpr (TO_OUT) {
+        // A zero the compiler cannot see through: a literal 0 lets it specialise the tiles after a
+        // move on O_i = 0, which spills every d >= 160 tile.
+        float zero;
+        asm volatile("mov.b32 %0, 0;" : "=f"(zero));
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = zero;
+    }
+}
 
 // Loop-invariant inputs of tile_step. Tiles run from the last the CTA needs (n_last) down.
 struct TileLoop {
@@ -491,9 +577,15 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
         return n0 >= full_lo && n0 + kBlockN <= full_hi;
     };
     for (int it = 0; it < n_tiles;) {
-        for (; it < n_tiles && !is_full(it); ++it) tile_step<true>(p, loop, it, stage, row_w, band, state, acc_o);
-        for (; it < n_tiles && is_full(it); ++it) tile_step<false>(p, loop, it, stage, row_w, band, state, acc_o);
+        // float32: the walk also stops at each multiple of kFlushTiles to move O_i out (one copy of
+        // that code, not one per tile body).
+        const int stop = kFlushO && (it / kFlushTiles + 1) * kFlushTiles < n_tiles ? (it / kFlushTiles + 1) * kFlushTiles
+                                                                                    : n_tiles;
+        for (; it < stop && !is_full(it); ++it) tile_step<true>(p, loop, it, stage, row_w, band, state, acc_o);
+        for (; it < stop && is_full(it); ++it) tile_step<false>(p, loop, it, stage, row_w, band, state, acc_o);
+        if (kFlushO && it == stop && stop < n_tiles) move_o_partial<true>(p, row_w, lane, it == kFlushTiles, state, acc_o);
     }
+    if (kFlushO && n_tiles > kFlushTiles) move_o_partial<false>(p, row_w, lane, false, state, acc_o);
     cp_async_wait<0>();
     // Every thread's copies into Q_i have landed (the loop's barriers do not cover n_tiles == 0)
     // before warps reuse their Q_i rows to stage O_i; with SPLIT_Q those rows overlap other warps'
@@ -514,7 +606,7 @@ extern "C" __global__ void FLASH_FWD_BOUNDS flash_fwd(const __grid_constant__ Fw
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            const float l = quad_sum(state.l[mt][hh]);
+            const float l = quad_sum(state.lane_sum(mt, hh));
             const int row = row0 + warp * kWarpRows + mt * 16 + g + hh * 8;
             inv_l[mt][hh] = 1.f / l;
             if (row < live_lo || row >= live_hi) {  // selects on the accumulators: no registers kept

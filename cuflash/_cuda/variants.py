@@ -178,6 +178,10 @@ class FwdTile:
     min_blocks: int = 1  # CTAs per SM promised to the register allocator
     max_regs: int = 0    # if > 0: register cap per thread, instead of min_blocks
     split_q: bool = False  # float32 only: Q_i split once into big/small planes in shared memory
+    # float32 only: O_i moved out every 1024 keys and l_i compensated, so the error stays at naive
+    # float32's over long Sk (fwd_sm80.cu, kFlushKeys). A property of the table entry (the spill
+    # tiles of a bucket inherit it); off only where no tile has the registers.
+    split_sums: bool = True
 
     def element_wise(self):
         """The tile of the element-wise loading path: its stride arithmetic needs registers that a
@@ -247,8 +251,9 @@ FWD_TILES = {
                           160: _F(128, 32, 8, 2, max_regs=160), 192: _F(128, 16, 8, 2),
                           256: _F(128, 16, 8, 2, max_regs=188)},
     ("sm80", "float32"): {32: _F(64, 64, 4, 2), 64: _F(64, 32, 4, 2), 96: _F(64, 32, 4, 2),
-                          128: _F(64, 16, 4, 2), 160: _F(64, 8, 4, 2), 192: _F(64, 8, 4, 2, max_regs=244),
-                          256: _F(32, 8, 2, 2, max_regs=184)},
+                          128: _F(64, 16, 4, 2), 160: _F(64, 8, 4, 2, split_sums=False),
+                          192: _F(64, 8, 4, 2, max_regs=244, split_sums=False),
+                          256: _F(32, 8, 2, 2, max_regs=184, split_sums=False)},
 }
 
 
@@ -271,9 +276,9 @@ FWD_SPILL_TILES = {
     ('sm90', 'float32', 192, 1, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
     ('sm90', 'float32', 192, 1, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
     ('sm90', 'float32', 192, 2, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
-    ('sm90', 'float32', 192, 2, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 2, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=168, split_q=False),
     ('sm90', 'float32', 192, 3, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
-    ('sm90', 'float32', 192, 3, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=0, split_q=False),
+    ('sm90', 'float32', 192, 3, False): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=168, split_q=False),
     ('sm80', 'float32', 192, 0, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=255, split_q=False),
     ('sm80', 'float32', 192, 0, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=176, split_q=False),
     ('sm80', 'float32', 192, 1, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=255, split_q=False),
@@ -321,15 +326,22 @@ RAGGED_FWD_SPILL_TILES = {
     ('sm90', '16bit', 96, 2, False): _F(block_m=128, block_n=32, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
     ('sm90', 'float32', 160, 2, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
     ('sm90', 'float32', 160, 3, True): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=0, split_q=False),
-    ('sm90', 'float32', 192, 2, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=176, split_q=False),
+    ('sm90', 'float32', 192, 2, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=184, split_q=False),
     ('sm90', 'float32', 192, 3, False): _F(block_m=64, block_n=8, warps=4, stages=2, min_blocks=1, max_regs=152, split_q=False),
     ('sm90', 'float32', 256, 0, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=200, split_q=False),
     ('sm90', 'float32', 256, 1, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=200, split_q=False),
-    ('sm90', 'float32', 256, 2, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=200, split_q=False),
-    ('sm90', 'float32', 256, 2, True): _F(block_m=128, block_n=8, warps=8, stages=2, min_blocks=1, max_regs=188, split_q=False),
+    ('sm90', 'float32', 256, 2, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=188, split_q=False),
+    ('sm90', 'float32', 256, 2, True): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=216, split_q=False),
     ('sm90', 'float32', 256, 3, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=200, split_q=False),
     ('sm90', 'float32', 32, 0, True): _F(block_m=128, block_n=64, warps=8, stages=2, min_blocks=2, max_regs=255, split_q=False),
     ('sm90', 'float32', 32, 1, True): _F(block_m=128, block_n=64, warps=8, stages=2, min_blocks=2, max_regs=255, split_q=False),
+    ('sm90', 'float32', 32, 2, False): _F(block_m=128, block_n=64, warps=8, stages=2, min_blocks=2, max_regs=255, split_q=False),
+    ('sm90', 'float32', 192, 0, True): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=216, split_q=False),
+    ('sm90', 'float32', 192, 0, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=184, split_q=False),
+    ('sm90', 'float32', 192, 1, True): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=216, split_q=False),
+    ('sm90', 'float32', 192, 1, False): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=184, split_q=False),
+    ('sm90', 'float32', 192, 2, True): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=184, split_q=False),
+    ('sm90', 'float32', 192, 3, True): _F(block_m=128, block_n=16, warps=8, stages=2, min_blocks=1, max_regs=184, split_q=False),
 }
 
 # Ragged forward variants that no tile serves spill-free (key: family, kind, bucket, SCORE_MODS):
@@ -357,7 +369,10 @@ def fwd_tile(fam, dtype_name, head_dim, head_dim_v, mods=0, vec=True, seq_mode=S
     base = table[bucket] if vec else table[bucket].element_wise()
     key = (fam, kind_name, bucket, mods, bool(vec))
     dense = FWD_SPILL_TILES.get(key, base)
-    return (RAGGED_FWD_SPILL_TILES.get(key, dense) if seq_mode else dense), bucket
+    tile = RAGGED_FWD_SPILL_TILES.get(key, dense) if seq_mode else dense
+    if isinstance(tile, FwdTile) and tile.split_sums != base.split_sums:
+        tile = replace(tile, split_sums=base.split_sums)
+    return tile, bucket
 
 
 def fwd_source(tile):
@@ -376,7 +391,7 @@ def fwd_defines(tile, bucket, dtype_name, vec_load, mods, seq_mode=SEQ_DENSE):
         "HEAD_DIM": bucket, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "NUM_WARPS": tile.warps,
         "STAGES": tile.stages, "MIN_BLOCKS": tile.min_blocks, "MAX_REGS": tile.max_regs,
         "DTYPE": DTYPE_CODES[dtype_name], "VEC_LOAD": int(vec_load), "SPLIT_Q": int(tile.split_q),
-        "SCORE_MODS": mods, "SMEM_BYTES": tile.smem_bytes(bucket, numpy.dtype(_NP[dtype_name]).itemsize),
+        "SPLIT_SUMS": int(tile.split_sums and dtype_name == "float32"), "SCORE_MODS": mods, "SMEM_BYTES": tile.smem_bytes(bucket, numpy.dtype(_NP[dtype_name]).itemsize),
         "SEQ_MODE": seq_mode,
     }
 

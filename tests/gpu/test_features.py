@@ -113,3 +113,27 @@ def test_every_table_entry_with_score_modifiers(family, bucket, mods, poisoned, 
         for deterministic in (False, True):
             check_case(1, 200, 157, 4, 2, bucket, bucket, dtype, bucket + mods, deterministic=deterministic,
                        causal=True, window=(90, None), **options)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(window=(1500, 300)),
+                                     dict(softcap=20.0, alibi="head"), dict(causal=True, causal_alignment="top_left")],
+                         ids=["full", "causal", "window", "softcap-alibi", "causal-top-left"])
+@pytest.mark.parametrize("sizes", [(130, 2100, 64, 64), (70, 4100, 256, 200), (257, 1025, 128, 96)],
+                         ids=lambda s: "Sq{}-Sk{}-D{}-Dv{}".format(*s))
+def test_float32_rows_across_partial_sum_moves(sizes, options, poisoned):
+    """The float32 forward moves O_i's running sum into the out buffer every 1024 keys and adds it
+    back at the end (fwd_sm80.cu, kFlushKeys): rows that cross several moves, with row tails, Dv < D
+    and the masks and modifiers that change which keys a row sees, against float64 on NaN-filled
+    outputs (a first move that read the out buffer would bring the NaN in)."""
+    Sq, Sk, D, Dv = sizes
+    check_case(1, Sq, Sk, 2, 1, D, Dv, numpy.dtype(numpy.float32), Sq + Sk, **options)
+
+
+def test_float32_row_max_grows_after_a_partial_sum_moved(poisoned):
+    """Keys scaled up towards the start of the sequence: the kernel walks key tiles from the last
+    to the first, so the row max keeps growing after O_i has moved out, and what was moved must be
+    rescaled to the new max when it comes back."""
+    rng = numpy.random.default_rng(11)
+    q, k, v, dout = make_inputs(rng, 1, 96, 3000, 2, 2, 64, 64, numpy.dtype(numpy.float32))
+    k *= numpy.linspace(4.0, 0.25, k.shape[1], dtype=numpy.float32)[None, :, None, None]
+    check(q, k, v, dout)

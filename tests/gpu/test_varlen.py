@@ -152,6 +152,22 @@ def test_varlen_obeys_the_accuracy_rule(poisoned, case, atomic):
                                      qb, kb, vb, dob, **opts)
 
 
+def test_float32_long_sequences_match_each_sequence_alone(poisoned):
+    """float32 sequences longer than the forward's partial-sum moves (1024 keys, fwd_sm80.cu): the
+    moved sums land in each sequence's own rows of the packed out buffer, bitwise as alone."""
+    case = dict(lengths_q=[40, 0, 300, 1], lengths_k=[2100, 5, 3000, 1500], heads_q=4, heads_kv=2, head_dim=64,
+                head_dim_v=32, dtype=numpy.dtype(numpy.float32), options=dict(causal=True), alibi=None, seed=5)
+    q, k, v, dout, cu_q, cu_k, slopes = _packed(case)
+    out, lse, dq, dk, dv = _varlen(case, q, k, v, dout, cu_q, cu_k, slopes)
+    for b in (0, 2, 3):
+        qb, kb, vb, dob = (_rows(x, cu, b) for x, cu in ((q, cu_q), (k, cu_k), (v, cu_k), (dout, cu_q)))
+        alone = _alone(case, qb, kb, vb, dob, slopes, b)
+        _assert_bitwise(f"out of sequence {b}", _rows(out, cu_q, b), alone[0][0])
+        _assert_bitwise(f"lse of sequence {b}", lse[:, cu_q[b]:cu_q[b + 1]], alone[1][0])
+        assert_attention_close(_rows(out, cu_q, b)[None], qb[None], kb[None], vb[None],
+                               lse=lse[None, :, cu_q[b]:cu_q[b + 1]], **case["options"])
+
+
 def test_varlen_agrees_with_the_reference_function(poisoned):
     """cuflash.reference.attention_varlen on one fixed batch with empty and length-1 sequences."""
     from cuflash import reference
