@@ -114,6 +114,26 @@ def test_host_cache_with_backend_cuda_is_refused_before_any_work():
     numpy.testing.assert_array_equal(k_cache, before)
 
 
+def test_decode_refuses_more_packed_query_rows_than_an_int_indexes(monkeypatch):
+    """Sq * group query rows of one (batch, kv head) are numbered by int in decode.cu: the kernel
+    takes up to decode.MAX_PACKED_ROWS of them and refuses one more (q broadcast, no memory)."""
+    from cuflash._cuda import decode
+    from cuflash._problem import check_forward
+
+    monkeypatch.setattr(runtime, "compute_capability", lambda device_id=None: (9, 0))
+    group, D = 64, 16
+    cache = numpy.zeros((1, 32, 1, D), numpy.float16)
+
+    def problem(Sq):
+        q = numpy.broadcast_to(numpy.zeros((1, 1, 1, D), numpy.float16), (1, Sq, group, D))
+        return check_forward(q, cache, cache, causal=True, causal_alignment="bottom_right", scale=None, backend="cuda")
+
+    assert decode.MAX_PACKED_ROWS % group == 0
+    assert decode.supported(problem(decode.MAX_PACKED_ROWS // group)) == (True, "")
+    ok, reason = decode.supported(problem(2**31 // group))
+    assert not ok and "2147483648 packed query rows" in reason
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_one_variant_of_each_decode_kernel_compiles_without_spills(arch):

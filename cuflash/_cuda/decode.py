@@ -26,6 +26,9 @@ from .forward import MAX_SEQLEN
 from .runtime import vector_loadable
 
 _MAX_GRID_X = 2**31 - 1
+# Sq * group, the query rows one (batch, kv head) packs into tiles: indexed by int in the kernel,
+# with a tile's 16 rows of headroom.
+MAX_PACKED_ROWS = MAX_SEQLEN
 
 
 def supported(problem):
@@ -34,6 +37,12 @@ def supported(problem):
     if name not in variants.DECODE_DTYPES:
         return False, (f"the CUDA decode kernel takes {' and '.join(variants.DECODE_DTYPES)} caches, not {name} "
                        f"(use backend=\"numpy\" or \"auto\")")
+    # The kernel numbers the packed query rows (t, g) of a (batch, kv head) in 32-bit ints (decode.cu's
+    # r0, n_rows, t): past 2^31 they wrap, and the rows read and written go outside q and out.
+    rows = problem.seqlen_q * problem.group_size
+    if rows > MAX_PACKED_ROWS:
+        return False, (f"seqlen_q * (heads_q / heads_kv) = {rows} packed query rows exceed the CUDA decode kernel's "
+                       f"{MAX_PACKED_ROWS} (use backend=\"numpy\" or \"auto\")")
     reason = variants.unserved_dtype(variants.family(*runtime.compute_capability()), name)
     if reason is not None:
         return False, reason

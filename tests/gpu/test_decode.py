@@ -420,6 +420,27 @@ def test_unchecked_bad_lengths_and_pages_stay_inside_the_cache(paged_cache):
     assert bool(cupy.isfinite(out).all()) and bool(cupy.isfinite(lse).all())
 
 
+def test_more_packed_query_rows_than_an_int_indexes_are_refused_before_any_work():
+    """Sq * group = 2^31 query rows of one kv head (2^25 queries, 64 query heads on one kv head; q
+    broadcast, so it takes no memory): the kernel's 32-bit packed row index would wrap and read and
+    write outside q and out, so backend="cuda" refuses the call before allocating or launching
+    anything, and so does the launcher itself."""
+    Sq, group, D = 2**25, 64, 16
+    q = cupy.broadcast_to(cupy.ones((1, 1, 1, D), F16), (1, Sq, group, D))
+    cache = cupy.zeros((1, 32, 1, D), F16)
+    lengths = cupy.asarray(numpy.array([8], I32))
+    with pytest.raises(cuflash.BackendUnavailableError, match="2147483648 packed query rows"):
+        cuflash.attention_with_kvcache(q, cache, cache, lengths, causal=True, backend="cuda")
+    problem, _ = _ragged.check_kvcache(q, cache, cache, lengths, None, None, None, alibi_slopes=None,
+                                       what="test", writable=lambda x: True, causal=True,
+                                       causal_alignment="bottom_right", window=None, softcap=None, scale=None,
+                                       backend="cuda")
+    out = cupy.broadcast_to(cupy.zeros((1, 1, 1, D), F16), (1, Sq, group, D))
+    lse = cupy.broadcast_to(cupy.zeros((1, 1, 1), numpy.float32), (1, group, Sq))
+    with pytest.raises(cuflash.BackendUnavailableError, match="packed query rows"):
+        decode.flash_decode(q, cache, cache, lengths, None, None, out, lse, problem, max_seqlen_k=8)
+
+
 def test_long_cache_many_splits_against_reference():
     """A 20k-key bf16 (or f16) cache in paged form with MQA-like grouping (16 query heads on one kv
     head, two row tiles) against the reference, with the heuristic's split count."""
