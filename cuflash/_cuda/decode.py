@@ -244,6 +244,13 @@ def append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
         cache_seqlens = cupy.ascontiguousarray(cache_seqlens)
         if paged:
             block_table = cupy.ascontiguousarray(block_table)
+        # The kernel reads the new rows while it writes the cache; new rows that are themselves a
+        # view into the cache (a window of it, say) would be overwritten before every thread has
+        # read them, so they are read from a copy.
+        if cupy.may_share_memory(k_new, k_cache) or cupy.may_share_memory(k_new, v_cache):
+            k_new = k_new.copy()
+        if cupy.may_share_memory(v_new, k_cache) or cupy.may_share_memory(v_new, v_cache):
+            v_new = v_new.copy()
         key = ("append", device, k_cache.itemsize, total)
         launch = _appends.get(key)
         if launch is None:

@@ -328,6 +328,22 @@ def test_appends_at_cache_boundaries(page_size):
                             dict(causal=True, window=None, softcap=None), out, lse)
 
 
+def test_new_rows_that_view_the_cache_are_read_before_they_are_overwritten():
+    """k_new/v_new given as a window of the cache itself, one slot before where they land: every new
+    row is written over the source of the next one, so the kernel must read them all first (the
+    launcher copies such views); the cache ends with the old rows L-1 .. L+S_new-2 at L .. L+S_new-1."""
+    rng = numpy.random.default_rng(12)
+    B, Hkv, D, S_new, capacity, L = 2, 2, 64, 300, 512, 100
+    k_cache, v_cache = (cupy.asarray(rng.standard_normal((B, capacity, Hkv, D)).astype(F16)) for _ in range(2))
+    k_before, v_before = cupy.asnumpy(k_cache), cupy.asnumpy(v_cache)
+    q = cupy.asarray(rng.standard_normal((B, 1, 2 * Hkv, D)).astype(F16))
+    lengths = numpy.full(B, L, I32)
+    cuflash.attention_with_kvcache(q, k_cache, v_cache, cupy.asarray(lengths), k_new=k_cache[:, L - 1:L - 1 + S_new],
+                                   v_new=v_cache[:, L - 1:L - 1 + S_new], backend="cuda")
+    numpy.testing.assert_array_equal(cupy.asnumpy(k_cache), appended(k_before, k_before[:, L - 1:L - 1 + S_new], lengths))
+    numpy.testing.assert_array_equal(cupy.asnumpy(v_cache), appended(v_before, v_before[:, L - 1:L - 1 + S_new], lengths))
+
+
 def _float16_cache_call(rng, B, Sq, group, S_new, capacity, Hkv=2, D=64):
     """q and k_new/v_new (as a keyword dict) on the GPU, dense k/v caches on the host: random float16."""
     q = cupy.asarray(rng.standard_normal((B, Sq, Hkv * group, D)).astype(F16))
