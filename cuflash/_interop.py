@@ -525,6 +525,20 @@ def _ndarray_subclass_refusal(name, x):
     return None
 
 
+def _layout_refusal(name, x):
+    """Why a CUDA array cannot be read element by element, or None. CuPy (and a DLPack producer's
+    byte offset) can place an array at an address, or give it strides, that are not whole elements:
+    the kernels would fault on the misaligned element, or read the wrong ones."""
+    size = x.itemsize
+    if x.data.ptr % size:
+        return (f"{name} starts at byte address {x.data.ptr}, which is not a multiple of its {size}-byte "
+                f"elements; pass a copy ({name}.copy())")
+    if any(n > 1 and s % size for n, s in zip(x.shape, x.strides)):
+        return (f"{name} has byte strides {x.strides}, which are not whole {size}-byte elements; "
+                f"pass a copy ({name}.copy())")
+    return None
+
+
 def _raise(what, problems):
     raise TypeError(f"invalid arguments to {what}:\n  - " + "\n  - ".join(problems))
 
@@ -568,6 +582,10 @@ def import_operands(what, **operands):
         _raise(what, problems)
     origin = next(iter(origins.values()))
     if origin.kind in ("numpy", "cupy"):  # already arrays cuflash computes on
+        if origin.kind == "cupy":
+            problems = [p for p in (_layout_refusal(n, x) for n, x in operands.items()) if p is not None]
+            if problems:
+                _raise(what, problems)
         return list(operands.values()), origin
     arrays = [_torch_operand(x) for x in operands.values()] if origin.kind == "torch" else [None] * len(operands)
     if any(a is None for a in arrays):
@@ -577,6 +595,8 @@ def import_operands(what, **operands):
                     arrays[i], problem = _import(name, x, origin)
                     if problem is not None:
                         problems.append(problem)
+    if not problems and origin.device_type == _CUDA:
+        problems = [p for p in (_layout_refusal(n, a) for n, a in zip(operands, arrays)) if p is not None]
     if problems:
         _raise(what, problems)
     return arrays, origin

@@ -85,6 +85,21 @@ def test_layout_does_not_change_the_bits(dtype, layout):
         cupy.testing.assert_array_equal(g_s, g)
 
 
+@pytest.mark.parametrize("how", ["address", "strides"])
+def test_operands_that_are_not_whole_elements_are_refused(how):
+    """A float16 view at an odd byte address, or with a one-byte stride, is refused before any launch
+    with an error naming it (the kernels would fault on the misaligned element or read the wrong ones)."""
+    rng = numpy.random.default_rng(3)
+    q = _randn(rng, (1, 16, 2, 64), "float16")
+    if how == "address":
+        raw = cupy.zeros(q.nbytes + 2, dtype=cupy.uint8)
+        bad = raw[1:q.nbytes + 1].view(cupy.float16).reshape(q.shape)
+    else:
+        bad = cupy.lib.stride_tricks.as_strided(q, shape=q.shape, strides=q.strides[:3] + (1,))
+    with pytest.raises(TypeError, match="k (starts at byte address|has byte strides)"):
+        cuflash.attention(q, bad, q, backend="cuda")
+
+
 # Measured on an H100 before the float32 forward split its sums: 1.1e-7 / 7.6e-8 / 7.4e-8 against
 # naive float32's 4.2e-8 / 1.4e-8 / 1.2e-8 at Sk = 4k / 64k / 256k (2.6x / 5.3x / 6.4x), from one
 # float32 sum of O_i over all of Sk. The kernel now moves O_i into the out buffer every 1024 keys
