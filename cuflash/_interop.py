@@ -595,7 +595,9 @@ def import_operands(what, **operands):
                     arrays[i], problem = _import(name, x, origin)
                     if problem is not None:
                         problems.append(problem)
-    if not problems and origin.device_type == _CUDA:
+    # PyTorch's storage offsets and strides count elements, so only other producers can hand over
+    # such layouts; the check stays off torch's per-call path.
+    if not problems and origin.device_type == _CUDA and origin.kind != "torch":
         problems = [p for p in (_layout_refusal(n, a) for n, a in zip(operands, arrays)) if p is not None]
     if problems:
         _raise(what, problems)
